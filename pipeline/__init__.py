@@ -1,0 +1,1 @@
+"""Kaggle-style image classification: folds -> train -> predict (TTA) -> ensemble -> submit."""

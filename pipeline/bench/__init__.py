@@ -1,0 +1,1 @@
+"""Benchmarks (`make bench`) and the committed CV comparison reports (`make reports`)."""

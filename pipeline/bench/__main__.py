@@ -1,0 +1,8 @@
+"""`make bench`: throughput benchmarks, each measuring its ratio side by side in one run."""
+import importlib
+
+SECTIONS = ("data_path", "tta", "blend")
+
+if __name__ == "__main__":
+    for name in SECTIONS:
+        importlib.import_module(f"pipeline.bench.{name}").main()

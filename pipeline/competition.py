@@ -1,0 +1,209 @@
+"""Reading and validating a competition folder: train table, images, sample submission."""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import CompetitionConfig
+from pipeline.errors import UserError
+
+
+@dataclass(frozen=True)
+class SubmissionFormat:
+    """What sample_submission.csv asks for.
+
+    kind: `label` (one class name per row), `proba` (a column per class) or
+    `binary_proba` (one column: the probability of `positive_class`).
+    """
+
+    id_column: str
+    kind: str
+    columns: tuple[str, ...]
+    ids: tuple[str, ...]
+    positive_class: str | None = None
+
+
+@dataclass(frozen=True)
+class Competition:
+    train: pd.DataFrame  # columns: id, target, [group], path
+    test: pd.DataFrame  # columns: id, path; sample_submission's order
+    classes: tuple[str, ...]
+    submission: SubmissionFormat
+    skipped: tuple[str, ...] = ()
+
+    def target_index(self) -> np.ndarray:
+        lookup = {c: i for i, c in enumerate(self.classes)}
+        return self.train["target"].map(lookup).to_numpy(dtype=np.int64)
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: cannot parse as CSV ({str(err).splitlines()[0]})") from None
+
+
+def _class_sort_key(name: str):
+    try:
+        return (0, float(name), name)
+    except ValueError:
+        return (1, 0.0, name)
+
+
+def sorted_classes(values) -> list[str]:
+    return sorted(set(values), key=_class_sort_key)
+
+
+def _require_columns(df: pd.DataFrame, columns: list[str], path: Path, key: str) -> None:
+    for col in columns:
+        if col not in df.columns:
+            raise UserError(
+                f"{path}: no column {col!r} (set by {key}); columns are {list(df.columns)}"
+            )
+
+
+def _check_unique(ids: pd.Series, path: Path) -> None:
+    dup = ids.duplicated()
+    if dup.any():
+        row = int(np.flatnonzero(dup.to_numpy())[0])
+        raise UserError(f"{path}: row {row + 2}: duplicate id {ids.iloc[row]!r}")
+
+
+class ImageIndex:
+    """Finds the image file of an id: `<folder>/<id><suffix>`, else by name anywhere below."""
+
+    def __init__(self, folder: Path, suffix: str):
+        if not folder.is_dir():
+            raise UserError(f"{folder}: image folder not found")
+        self.folder, self.suffix = folder, suffix
+        self._by_name: dict[str, Path] | None = None
+
+    def _names(self) -> dict[str, Path]:
+        if self._by_name is None:
+            self._by_name = {}
+            for root, _, files in os.walk(self.folder):
+                for name in files:
+                    path = Path(root) / name
+                    self._by_name.setdefault(name, path)
+                    self._by_name.setdefault(path.stem, path)
+        return self._by_name
+
+    def find(self, image_id: str) -> Path | None:
+        for name in (image_id + self.suffix, image_id):
+            path = self.folder / name
+            if path.is_file():
+                return path
+        names = self._names()
+        return names.get(Path(image_id + self.suffix).name) or names.get(Path(image_id).name)
+
+
+def _attach_paths(ids: pd.Series, index: ImageIndex, table: Path, on_bad: str) -> tuple[list, list]:
+    paths, bad = [], []
+    for row, image_id in enumerate(ids):
+        path = index.find(image_id)
+        problem = None
+        if path is None:
+            problem = f"no image file for id {image_id!r} in {index.folder}"
+        elif path.stat().st_size == 0:
+            problem = f"image file {path} is empty (0 bytes)"
+        if problem and on_bad == "error":
+            raise UserError(f"{table}: row {row + 2}: {problem}")
+        if problem:
+            bad.append(f"{table} row {row + 2}: {problem}")
+        paths.append(None if problem else str(path))
+    return paths, bad
+
+
+def infer_submission_format(sample: pd.DataFrame, classes: list[str], cfg: CompetitionConfig,
+                            path: Path) -> SubmissionFormat:
+    cols = list(sample.columns)
+    if len(cols) < 2:
+        raise UserError(f"{path}: needs an id column and at least one value column; got {cols}")
+    value_cols = cols[1:]
+    kind = cfg.submission.format
+    if kind == "auto":
+        if len(value_cols) >= 2:
+            kind = "proba"
+        elif len(classes) == 2 and _looks_fractional(sample[value_cols[0]]):
+            kind = "binary_proba"
+        else:
+            kind = "label"
+    if kind == "proba":
+        missing = [c for c in classes if c not in value_cols]
+        if missing or len(value_cols) < 2:
+            raise UserError(
+                f"{path}: columns fit neither format: not 'id,<label>' and not one column per "
+                f"class (train classes not among columns: {missing[:5]})"
+            )
+        for col in value_cols:
+            if col not in classes:
+                print(f"warning: {path}: class {col!r} never appears in the train table",
+                      file=sys.stderr)
+    if kind in ("label", "binary_proba") and len(value_cols) != 1:
+        raise UserError(f"{path}: submission.format={kind} needs exactly two columns; got {cols}")
+    positive = None
+    if kind == "binary_proba":
+        if len(classes) != 2:
+            raise UserError(f"{path}: binary_proba needs 2 classes in train, found {len(classes)}")
+        positive = cfg.submission.positive_class or classes[1]
+        if positive not in classes:
+            raise UserError(f"submission.positive_class: {positive!r} is not a class {classes}")
+    return SubmissionFormat(cols[0], kind, tuple(value_cols), tuple(sample[cols[0]]), positive)
+
+
+def _looks_fractional(values: pd.Series) -> bool:
+    numbers = pd.to_numeric(values, errors="coerce")
+    return bool(numbers.notna().all() and ((numbers % 1) != 0).any())
+
+
+def load_competition_data(cfg: CompetitionConfig) -> Competition:
+    """Read and validate everything the pipeline needs from the competition folder."""
+    d = cfg.data
+    train_path = d.path("train_csv")
+    train = read_table(train_path)
+    columns = {"id": d.id_column, "target": d.target_column}
+    if d.group_column:
+        columns["group"] = d.group_column
+    _require_columns(train, [columns["id"]], train_path, "data.id_column")
+    _require_columns(train, [columns["target"]], train_path, "data.target_column")
+    if d.group_column:
+        _require_columns(train, [columns["group"]], train_path, "data.group_column")
+    train = train[list(columns.values())].rename(columns={v: k for k, v in columns.items()})
+    train["id"] = train["id"].str.strip()
+    train["target"] = train["target"].str.strip()
+    _check_unique(train["id"], train_path)
+    empty = (train["target"] == "") | train["target"].str.lower().isin(["nan", "none", "null"])
+    if empty.any():
+        row = int(np.flatnonzero(empty.to_numpy())[0])
+        raise UserError(f"{train_path}: row {row + 2}: empty target for id {train['id'].iloc[row]!r}")
+
+    sample_path = d.path("sample_submission")
+    sample = read_table(sample_path)
+    if sample.empty:
+        raise UserError(f"{sample_path}: has no rows")
+    _check_unique(sample[sample.columns[0]], sample_path)
+    train_classes = sorted_classes(train["target"])
+    fmt = infer_submission_format(sample, train_classes, cfg, sample_path)
+    classes = list(fmt.columns) if fmt.kind == "proba" else train_classes
+    if cfg.task == "binary" and len(classes) != 2:
+        raise UserError(f"task: binary needs 2 classes, {train_path} has {len(classes)}")
+
+    train_paths, bad = _attach_paths(train["id"], ImageIndex(d.path("train_images"), d.image_suffix),
+                                     train_path, d.on_bad_image)
+    train["path"] = train_paths
+    test = pd.DataFrame({"id": sample[sample.columns[0]].str.strip()})
+    test_paths, bad_test = _attach_paths(test["id"], ImageIndex(d.path("test_images"), d.image_suffix),
+                                         sample_path, "error")
+    test["path"] = test_paths
+    if bad:
+        for line in bad:
+            print(f"warning: skipped {line}", file=sys.stderr)
+        train = train[train["path"].notna()].reset_index(drop=True)
+    return Competition(train, test, tuple(classes), fmt, tuple(bad))

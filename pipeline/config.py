@@ -1,0 +1,233 @@
+"""Typed, validated configs loaded from YAML with `key=value` dot-path overrides.
+
+An experiment file names its competition file (`competition: competition.yaml`) and
+overrides only what differs; the two are deep-merged and validated as one structure.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.artifacts import text_hash
+from pipeline.errors import UserError
+
+Metric = Literal["accuracy", "log_loss", "macro_f1", "roc_auc", "qwk"]
+ViewSet = Literal["none", "hflip", "five_crop", "ten_crop", "dihedral8"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Strict):
+    root: str
+    train_csv: str = "train.csv"
+    train_images: str = "train"
+    test_images: str = "test"
+    sample_submission: str = "sample_submission.csv"
+    id_column: str = "id"
+    target_column: str = "label"
+    group_column: str | None = None
+    image_suffix: str = ""
+    channels: Literal[1, 3] = 3
+    on_bad_image: Literal["error", "skip"] = "error"
+    cache_dir: str = "cache"
+
+    def path(self, name: str) -> Path:
+        return Path(self.root) / getattr(self, name)
+
+
+class FoldsConfig(Strict):
+    n_splits: int = Field(5, ge=2)
+    method: Literal["auto", "kfold", "stratified", "group", "stratified_group"] = "auto"
+
+
+class SubmissionConfig(Strict):
+    format: Literal["auto", "label", "proba", "binary_proba"] = "auto"
+    positive_class: str | None = None
+
+
+class CompetitionConfig(Strict):
+    name: str
+    data: DataConfig
+    task: Literal["multiclass", "binary"] = "multiclass"
+    metric: Metric = "accuracy"
+    folds: FoldsConfig = FoldsConfig()
+    image_size: int = Field(224, ge=8)
+    seed: int = 42
+    submission: SubmissionConfig = SubmissionConfig()
+
+
+class ModelConfig(Strict):
+    backbone: str
+    pretrained: Union[bool, str] = False
+    drop_rate: float = Field(0.0, ge=0, lt=1)
+    crop_pct: float | None = Field(None, gt=0, le=1)
+
+
+class StageConfig(Strict):
+    epochs: int = Field(ge=1)
+    train: Union[Literal["head", "all"], int] = "all"
+
+
+class FinetuneConfig(Strict):
+    policy: Literal["manual", "auto"] = "manual"
+    stages: list[StageConfig] | None = None
+    lr_decay: float = Field(2.6, ge=1)
+    layer_decay: float | None = Field(None, gt=0, le=1)
+    bn: Literal["frozen", "train"] = "frozen"
+    schedule: Literal["cosine", "onecycle"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    grad_clip: float | None = Field(5.0, gt=0)
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    patience: int | None = Field(None, ge=1)
+    num_workers: int = Field(0, ge=0)
+    eval_batch_size: int = Field(256, ge=1)
+
+
+class AugmentConfig(Strict):
+    preset: Literal["none", "light", "medium", "heavy"] = "light"
+    hflip: bool = True
+    vflip: bool = False
+    custom: list[dict[str, Any]] | None = None
+    mixup_alpha: float = Field(0.0, ge=0)
+    cutmix_alpha: float = Field(0.0, ge=0)
+    mix_prob: float = Field(1.0, ge=0, le=1)
+    switch_prob: float = Field(0.5, ge=0, le=1)
+
+
+class TTAConfig(Strict):
+    views: Union[ViewSet, Literal["auto"]] = "none"
+    candidates: list[ViewSet] = ["none", "hflip", "five_crop", "ten_crop", "dihedral8"]
+    merge: Literal["mean", "geometric"] = "mean"
+
+
+class ExperimentConfig(CompetitionConfig):
+    experiment: str
+    model: ModelConfig
+    finetune: FinetuneConfig = FinetuneConfig()
+    train: TrainConfig = TrainConfig()
+    augment: AugmentConfig = AugmentConfig()
+    tta: TTAConfig = TTAConfig()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path("runs") / self.name / self.experiment
+
+
+class EnsembleConfig(CompetitionConfig):
+    experiment: str = "ensemble"
+    experiments: list[str] = Field(min_length=1)
+    trials: int = Field(200, ge=1)
+    mode: Literal["mean", "geometric", "rank", "tune"] = "mean"
+    nested_cv: bool = True
+    fallback_to_equal: bool = True
+    storage: str | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        return Path("runs") / self.name / self.experiment
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of keys at the top level")
+    return data
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides; values are parsed as YAML scalars, never as code."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r}: expected key=value, e.g. train.epochs=3")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"override {item!r}: {part} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+    return data
+
+
+def _validate(cls: type[BaseModel], data: dict, source: Path):
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        if first["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif first["type"] == "missing":
+            msg = "missing required key"
+        else:
+            msg = f"{first['msg']} (got {first.get('input')!r})"
+        raise UserError(f"{source}: {key}: {msg}") from None
+
+
+def _resolve(path: str | Path, overrides: list[str] | None) -> tuple[dict, Path]:
+    path = Path(path)
+    own = read_yaml(path)
+    comp_name = own.pop("competition", None)
+    if comp_name is None:
+        comp_path, base = path, {}
+    else:
+        comp_path = path.parent / str(comp_name)
+        base = read_yaml(comp_path)
+    merged = deep_merge(base, own)
+    merged.setdefault("name", comp_path.parent.name)
+    return apply_overrides(merged, overrides or []), path
+
+
+def load_competition(path: str | Path, overrides: list[str] | None = None) -> CompetitionConfig:
+    data, path = _resolve(path, overrides)
+    return _validate(CompetitionConfig, data, path)
+
+
+def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    data, path = _resolve(path, overrides)
+    data.setdefault("experiment", path.stem)
+    return _validate(ExperimentConfig, data, path)
+
+
+def load_ensemble(path: str | Path, overrides: list[str] | None = None) -> EnsembleConfig:
+    data, path = _resolve(path, overrides)
+    data.setdefault("experiment", path.stem)
+    return _validate(EnsembleConfig, data, path)
+
+
+def config_hash(cfg: BaseModel, exclude: set[str] | None = None) -> str:
+    """Hash of the resolved config (less `exclude` sections), recorded with its artifacts."""
+    return text_hash(cfg.model_dump_json(exclude=exclude))

@@ -1,0 +1,270 @@
+"""Stage 2: train one experiment on every fold -> runs/<comp>/<exp>/{fold<k>/, oof.csv, scores.json}.
+
+Per fold: best checkpoint by the competition metric (`best.safetensors`), a last checkpoint
+for resume (`last.pt`), a per-epoch log (`log.csv`) and the fold's OOF rows (`oof.csv`).
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
+from tqdm import tqdm
+
+from pipeline import finetune, metrics
+from pipeline.artifacts import atomic_path, file_hash, write_csv, write_json, write_text
+from pipeline.augment import eval_transform, train_transform
+from pipeline.competition import Competition, load_competition_data
+from pipeline.config import ExperimentConfig, config_hash, load_experiment
+from pipeline.data import CachedImages, make_loader, normalize
+from pipeline.errors import UserError, cli
+from pipeline.folds import folds_path, read_folds
+from pipeline.images import image_cache
+from pipeline.models import InputSpec, cache_size, create_model, input_spec
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Setup:
+    """Everything a fold needs, resolved once per experiment."""
+
+    cfg: ExperimentConfig
+    comp: Competition
+    folds: np.ndarray  # fold per train row
+    images: np.ndarray  # cached uint8 images, one per train row
+    labels: np.ndarray
+    spec: InputSpec
+    tag: str  # config + fold-file hash; artifacts built from another tag are stale
+
+
+def prepare(cfg: ExperimentConfig) -> Setup:
+    comp = load_competition_data(cfg)
+    fpath = folds_path(cfg.name)
+    fold_df = read_folds(fpath)
+    lookup = dict(zip(fold_df["id"], fold_df["fold"]))
+    missing = [i for i in comp.train["id"] if i not in lookup]
+    if missing or len(lookup) != len(comp.train):
+        raise UserError(f"{fpath}: ids do not match the train table (e.g. {missing[:1]}); "
+                        f"rerun `make folds COMP={cfg.name}`")
+    folds = comp.train["id"].map(lookup).to_numpy(np.int64)
+    probe = create_model(cfg.model.model_copy(update={"pretrained": False}), len(comp.classes),
+                         cfg.data.channels)
+    spec = input_spec(probe, cfg.model)
+    side = cache_size(cfg.image_size, spec.crop_pct)
+    images = image_cache(list(comp.train["path"]), side, cfg.data.channels, cfg.data.cache_dir)
+    tag = f"{config_hash(cfg, exclude={'tta'})}-{file_hash(fpath)}"  # TTA needs no retraining
+    return Setup(cfg, comp, folds, images, comp.target_index(), spec, tag)
+
+
+def predict_proba(model, loader, spec: InputSpec) -> np.ndarray:
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for x, _ in loader:
+            out.append(F.softmax(model(normalize(x, spec)).float(), dim=1))
+    proba = torch.cat(out).numpy().astype(np.float64)
+    return proba / proba.sum(1, keepdims=True)
+
+
+def eval_loader(s: Setup, rows: np.ndarray) -> torch.utils.data.DataLoader:
+    ds = CachedImages(s.images, rows, s.labels[rows], eval_transform(s.cfg.image_size))
+    return make_loader(ds, s.cfg.train.eval_batch_size, False, s.cfg.train.num_workers, 0)
+
+
+def _save_last(path: Path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _save_weights(path: Path, model: torch.nn.Module) -> None:
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+
+
+def train_fold(s: Setup, fold: int, fold_dir: Path) -> None:
+    """Train one fold, resuming from `last.pt` when present; leaves best.safetensors and log.csv."""
+    cfg, tc = s.cfg, s.cfg.train
+    train_rows = np.flatnonzero(s.folds != fold)
+    val_rows = np.flatnonzero(s.folds == fold)
+    seed_everything(cfg.seed + fold)
+    model = create_model(cfg.model, len(s.comp.classes), cfg.data.channels)
+    groups = finetune.layer_groups(model)
+    plan = finetune.stage_plan(cfg.finetune, tc.epochs, len(train_rows), len(groups))
+    lrs = finetune.group_lrs(tc.lr, len(groups), cfg.finetune.lr_decay, cfg.finetune.layer_decay)
+    optimizer = torch.optim.AdamW(finetune.param_groups(model, groups, lrs, tc.weight_decay))
+    ema = ModelEmaV3(model, decay=tc.ema_decay) if tc.ema_decay else None
+    mix = (Mixup(mixup_alpha=cfg.augment.mixup_alpha, cutmix_alpha=cfg.augment.cutmix_alpha,
+                 prob=cfg.augment.mix_prob, switch_prob=cfg.augment.switch_prob,
+                 label_smoothing=tc.label_smoothing, num_classes=len(s.comp.classes))
+           if cfg.augment.mixup_alpha > 0 or cfg.augment.cutmix_alpha > 0 else None)
+    soft_loss = SoftTargetCrossEntropy()
+
+    train_ds = CachedImages(s.images, train_rows, s.labels[train_rows],
+                            train_transform(cfg.augment, cfg.image_size, cfg.seed), cfg.seed + fold)
+    val_loader = eval_loader(s, val_rows)
+    y_val = s.labels[val_rows]
+    state = dict(stage=0, epoch=0, best=metrics.worst(cfg.metric), bad_epochs=0, step=0)
+    last = fold_dir / "last.pt"
+    if last.is_file():
+        ckpt = torch.load(last, map_location="cpu", weights_only=True)
+        if ckpt["tag"] == s.tag:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if ema is not None:
+                ema.load_state_dict(ckpt["ema"])
+            state = ckpt["state"]
+            print(f"fold {fold}: resuming at stage {state['stage']} epoch {state['epoch']}",
+                  file=sys.stderr)
+    log_path = fold_dir / "log.csv"
+    log = pd.read_csv(log_path).to_dict("records") if log_path.is_file() and state["step"] else []
+
+    global_epoch = sum(st.epochs for st in plan[: state["stage"]]) + state["epoch"]
+    for si in range(state["stage"], len(plan)):
+        stage = plan[si]
+        frozen = finetune.apply_freeze(model, groups, stage.trainable)
+        steps_per_epoch = max(1, len(train_rows) // tc.batch_size)
+        total = stage.epochs * steps_per_epoch
+        warmup = int(cfg.finetune.warmup_epochs * steps_per_epoch)
+        for epoch in range(state["epoch"], stage.epochs):
+            if tc.patience and state["bad_epochs"] >= tc.patience:
+                break
+            seed_everything(cfg.seed * 1000 + fold * 100 + global_epoch)
+            train_ds.set_epoch(global_epoch)
+            loader = make_loader(train_ds, tc.batch_size, True, tc.num_workers,
+                                 cfg.seed * 1000 + fold * 100 + global_epoch, drop_last=True)
+            model.train()
+            if cfg.finetune.bn == "frozen":
+                finetune.freeze_batchnorm(model, frozen)
+            bar = tqdm(loader, desc=f"fold {fold} stage {si} epoch {epoch + 1}/{stage.epochs}",
+                       file=sys.stderr, leave=True, mininterval=0.5)
+            losses = []
+            for i, (x, y) in enumerate(bar):
+                step = epoch * steps_per_epoch + i
+                for g in optimizer.param_groups:
+                    g["lr"] = g["base_lr"] * finetune.schedule_factor(step, total, warmup,
+                                                                      cfg.finetune.schedule)
+                x = normalize(x, s.spec)
+                if mix is not None:
+                    x, y_soft = mix(x, y)
+                    loss = soft_loss(model(x), y_soft)
+                else:
+                    loss = F.cross_entropy(model(x), y, label_smoothing=tc.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if tc.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(
+                        [p for p in model.parameters() if p.requires_grad], tc.grad_clip)
+                optimizer.step()
+                if ema is not None:
+                    ema.update(model, step=state["step"])
+                state["step"] += 1
+                losses.append(loss.item())
+                bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+            eval_model = ema.module if ema is not None else model
+            proba = predict_proba(eval_model, val_loader, s.spec)
+            val_score = metrics.score(cfg.metric, y_val, proba)
+            val_loss = metrics.score("log_loss", y_val, proba)
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}", **{cfg.metric: f"{val_score:.4f}"})
+            bar.close()
+            log.append(dict(stage=si, epoch=epoch, train_loss=float(np.mean(losses)),
+                            val_loss=val_loss, val_metric=val_score,
+                            **{f"lr_group{g}": lr for g, lr in enumerate(lrs)}))
+            if metrics.better(cfg.metric, val_score, state["best"]):
+                state.update(best=val_score, bad_epochs=0)
+                _save_weights(fold_dir / "best.safetensors", eval_model)
+            else:
+                state["bad_epochs"] += 1
+            state["epoch"] = epoch + 1
+            global_epoch += 1
+            write_csv(pd.DataFrame(log), log_path)
+            _save_last(last, dict(tag=s.tag, model=model.state_dict(),
+                                  optimizer=optimizer.state_dict(), state=dict(state),
+                                  ema=ema.state_dict() if ema is not None else {}))
+        state.update(stage=si + 1, epoch=0, bad_epochs=0)
+
+
+def load_fold_model(s: Setup, fold_dir: Path) -> torch.nn.Module:
+    model = create_model(s.cfg.model.model_copy(update={"pretrained": False}),
+                         len(s.comp.classes), s.cfg.data.channels)
+    model.load_state_dict(load_file(str(fold_dir / "best.safetensors")))
+    return model.eval()
+
+
+def proba_frame(ids, fold, proba: np.ndarray, classes) -> pd.DataFrame:
+    df = pd.DataFrame(proba, columns=list(classes))
+    df.insert(0, "fold", fold)
+    df.insert(0, "id", list(ids))
+    return df
+
+
+def fold_oof(s: Setup, fold: int, fold_dir: Path) -> pd.DataFrame:
+    rows = np.flatnonzero(s.folds == fold)
+    proba = predict_proba(load_fold_model(s, fold_dir), eval_loader(s, rows), s.spec)
+    return proba_frame(s.comp.train["id"].iloc[rows], fold, proba, s.comp.classes)
+
+
+def reset_if_stale(run_dir: Path, tag: str) -> None:
+    """Artifacts built from another config or fold file are removed, never mixed in."""
+    tag_file = run_dir / "tag.txt"
+    if tag_file.is_file() and tag_file.read_text().strip() != tag:
+        old = tag_file.read_text().strip()
+        print(f"{run_dir}: built from {old}, now {tag}: rebuilding", file=sys.stderr)
+        shutil.rmtree(run_dir)
+    write_text(tag + "\n", tag_file)
+
+
+def run(cfg: ExperimentConfig) -> dict:
+    s = prepare(cfg)
+    run_dir = cfg.run_dir
+    reset_if_stale(run_dir, s.tag)
+    write_text(cfg.model_dump_json(indent=2) + "\n", run_dir / "config.json")
+    torch.set_num_threads(torch.get_num_threads())
+    frames, per_fold = [], {}
+    for fold in range(cfg.folds.n_splits):
+        fold_dir = run_dir / f"fold{fold}"
+        done = fold_dir / "oof.csv"
+        if not done.is_file():
+            train_fold(s, fold, fold_dir)
+            write_csv(fold_oof(s, fold, fold_dir), done)
+        df = pd.read_csv(done, dtype={"id": str}, keep_default_na=False)
+        y = s.labels[np.flatnonzero(s.folds == fold)]
+        per_fold[fold] = metrics.score(cfg.metric, y, df[list(s.comp.classes)].to_numpy())
+        frames.append(df)
+    oof = pd.concat(frames).set_index("id").loc[list(s.comp.train["id"])].reset_index()
+    cv = metrics.score(cfg.metric, s.labels, oof[list(s.comp.classes)].to_numpy())
+    scores = dict(metric=cfg.metric, per_fold=per_fold, cv=cv, tag=s.tag)
+    write_json(scores, run_dir / "scores.json")
+    write_csv(oof, run_dir / "oof.csv")
+    print(f"{cfg.experiment}: CV {cfg.metric} {cv:.5f} (folds "
+          f"{', '.join(f'{v:.4f}' for v in per_fold.values())})", file=sys.stderr)
+    return scores
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("config", help="configs/<comp>/<experiment>.yaml")
+    parser.add_argument("overrides", nargs="*", help="key=value dot-path overrides")
+    args = parser.parse_args(argv)
+    run(load_experiment(args.config, args.overrides))
+
+
+if __name__ == "__main__":
+    main()
