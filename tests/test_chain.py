@@ -1,0 +1,31 @@
+"""End to end on a tiny competition: folds -> train -> predict -> ensemble -> submit."""
+import json
+
+import pandas as pd
+
+from conftest import EXPERIMENT, write_yaml
+from pipeline import ensemble, folds, predict, submit, train
+
+
+def test_whole_chain_writes_a_valid_submission(tiny):
+    write_yaml(tiny / "configs/tiny/lenet5b.yaml", {**EXPERIMENT, "seed": 1})
+    write_yaml(tiny / "configs/tiny/ensemble.yaml",
+               {"competition": "competition.yaml", "experiments": ["lenet5", "lenet5b"],
+                "trials": 5})
+    folds.main(["configs/tiny/competition.yaml"])
+    for exp in ("lenet5", "lenet5b"):
+        train.main([f"configs/tiny/{exp}.yaml"])
+        predict.main([f"configs/tiny/{exp}.yaml"])
+    ensemble.main(["configs/tiny/ensemble.yaml"])
+    submit.main(["configs/tiny/ensemble.yaml"])
+
+    oof = pd.read_csv(tiny / "runs/tiny/lenet5/oof.csv")
+    assert list(oof.columns) == ["id", "fold", "class_0", "class_1", "class_2"]
+    assert len(oof) == 24 and oof[["class_0", "class_1", "class_2"]].sum(1).round(6).eq(1).all()
+    scores = json.loads((tiny / "runs/tiny/lenet5/scores.json").read_text())
+    assert set(scores["per_fold"]) == {"0", "1"} and 0 <= scores["cv"] <= 1
+    sub = pd.read_csv(tiny / "submissions/tiny.csv")
+    sample = pd.read_csv(tiny / "data/tiny/sample_submission.csv")
+    assert list(sub.columns) == list(sample.columns)
+    assert list(sub["image_id"]) == list(sample["image_id"])
+    assert sub["target"].isin(["class_0", "class_1", "class_2"]).all()
