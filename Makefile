@@ -17,7 +17,10 @@ TESTS := $(EXPS:%=runs/$(COMP)/%/test.csv)
 WEIGHTS := runs/$(COMP)/ensemble/weights.json
 SUBMISSION := submissions/$(COMP).csv
 
-.PHONY: help setup demo all folds train predict ensemble submit test bench clean
+LITE0 := weights/tf_efficientnet_lite0.safetensors
+EXP ?= configs/digits/lenet5.yaml
+
+.PHONY: help setup demo all folds train predict ensemble submit test bench reports preview weights clean
 
 help: ## list the targets
 	@grep -hE '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -54,7 +57,15 @@ ensemble: $(WEIGHTS) ## tune blend weights on the OOF
 submit: $(SUBMISSION) ## write submissions/$(COMP).csv
 all: $(SUBMISSION) ## folds, train, predict, ensemble, submit for COMP
 
-demo: $(STAMP) data/digits/solution.csv ## build the digits demo and run the whole chain
+$(LITE0): | $(STAMP)
+	$(PY) -m pipeline.weights $@
+
+weights: $(LITE0) ## convert the bundled ImageNet EfficientNet-Lite0 weights to timm format
+
+preview: $(STAMP) ## PNG grid of original vs augmented samples (EXP=configs/<comp>/<exp>.yaml)
+	$(PY) -m pipeline.preview $(EXP) $(SET)
+
+demo: $(STAMP) $(LITE0) data/digits/solution.csv ## build the digits demo and run the whole chain
 	$(MAKE) --no-print-directory all COMP=digits
 	$(PY) -m pipeline.demo score
 
@@ -63,6 +74,9 @@ test: $(STAMP) ## run the test suite
 
 bench: $(STAMP) ## benchmarks: data path, TTA and ensemble throughput
 	$(PY) -m pipeline.bench
+
+reports: $(STAMP) ## rerun the committed CV comparison reports (slow; writes reports/*.md)
+	$(PY) -m pipeline.bench.reports
 
 clean: ## remove generated runs, folds, submissions and caches (keeps data/ and .venv)
 	rm -rf runs cache folds/*.csv submissions/*.csv
