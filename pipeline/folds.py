@@ -30,7 +30,7 @@ def assign_folds(targets: np.ndarray, groups: np.ndarray | None, n_splits: int, 
     if method in ("stratified", "stratified_group"):
         labels, counts = np.unique(targets, return_counts=True)
         if counts.min() < n_splits:
-            rare = labels[counts.argmin()]
+            rare = str(labels[counts.argmin()])
             raise UserError(
                 f"folds.n_splits: {n_splits} folds but class {rare!r} has only {counts.min()} "
                 f"rows; lower folds.n_splits or use folds.method=kfold"

@@ -1,0 +1,120 @@
+"""The competition reader: ids, paths, classes and the submission format, with clear errors."""
+import pandas as pd
+import pytest
+
+from conftest import make_competition
+from pipeline.competition import load_competition_data
+from pipeline.config import load_competition
+from pipeline.errors import UserError
+
+
+def load(overrides=()):
+    return load_competition_data(load_competition("configs/tiny/competition.yaml", list(overrides)))
+
+
+def edit_train(root, fn):
+    path = root / "data/tiny/train.csv"
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    fn(df).to_csv(path, index=False)
+
+
+def test_reads_ids_classes_paths_and_label_format(tiny):
+    comp = load()
+    assert comp.classes == ("class_0", "class_1", "class_2")
+    assert len(comp.train) == 24 and comp.train["path"].str.endswith(".png").all()
+    assert comp.submission.kind == "label" and comp.submission.id_column == "image_id"
+    assert comp.submission.columns == ("target",)
+    sample = pd.read_csv("data/tiny/sample_submission.csv")
+    assert list(comp.test["id"]) == list(sample["image_id"])  # sample_submission's order
+    assert list(comp.target_index()[:8]) == [0] * 8
+
+
+def proba_sample(root, columns):
+    path = root / "data/tiny/sample_submission.csv"
+    ids = pd.read_csv(path)["image_id"]
+    pd.DataFrame({"image_id": ids, **{c: 0.25 for c in columns}}).to_csv(path, index=False)
+
+
+def test_probability_format_takes_sample_column_order(tiny):
+    proba_sample(tiny, ["class_2", "class_0", "class_1"])
+    comp = load()
+    assert comp.submission.kind == "proba"
+    assert comp.classes == ("class_2", "class_0", "class_1")
+
+
+def test_binary_probability_format(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_competition(tmp_path / "data/tiny", n_classes=2)
+    pd.DataFrame({"image_id": [f"te{i:03d}" for i in range(6)], "target": 0.5}).to_csv(
+        tmp_path / "data/tiny/sample_submission.csv", index=False)
+    from conftest import COMPETITION, write_yaml
+    write_yaml(tmp_path / "configs/tiny/competition.yaml", COMPETITION)
+    comp = load()
+    assert comp.submission.kind == "binary_proba" and comp.submission.positive_class == "class_1"
+
+
+def test_ids_with_extension_and_nested_folders(tiny):
+    edit_train(tiny, lambda df: df.assign(image_id=df["image_id"] + ".png"))
+    (tiny / "data/tiny/train/sub").mkdir()
+    (tiny / "data/tiny/train/tr0000.png").rename(tiny / "data/tiny/train/sub/tr0000.png")
+    comp = load()
+    assert comp.train["path"].iloc[0].endswith("train/sub/tr0000.png")
+
+
+def test_integer_labels_sort_numerically(tiny):
+    edit_train(tiny, lambda df: df.assign(target=df["target"].map(
+        {"class_0": "10", "class_1": "2", "class_2": "1"})))
+    assert load().classes == ("1", "2", "10")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda df: df.drop(columns="target"), "train.csv: no column 'target' (set by data.target_column)"),
+    (lambda df: df.drop(columns="image_id"), "train.csv: no column 'image_id' (set by data.id_column)"),
+    (lambda df: pd.concat([df, df.iloc[[3]]]), "train.csv: row 26: duplicate id 'tr0003'"),
+    (lambda df: df.assign(target=df["target"].where(df.index != 5, "")),
+     "train.csv: row 7: empty target for id 'tr0005'"),
+    (lambda df: df.assign(target=df["target"].where(df.index != 6, "NaN")),
+     "train.csv: row 8: empty target"),
+])
+def test_train_table_errors_name_file_and_row(tiny, edit, message):
+    edit_train(tiny, edit)
+    with pytest.raises(UserError) as err:
+        load()
+    assert message in str(err.value)
+
+
+def test_missing_and_empty_images(tiny):
+    (tiny / "data/tiny/train/tr1002.png").unlink()
+    with pytest.raises(UserError, match=r"train.csv: row 12: no image file for id 'tr1002'"):
+        load()
+    (tiny / "data/tiny/train/tr1002.png").write_bytes(b"")
+    with pytest.raises(UserError, match=r"train.csv: row 12: image file .*tr1002.png is empty"):
+        load()
+    comp = load(["data.on_bad_image=skip"])
+    assert len(comp.train) == 23 and "tr1002" not in set(comp.train["id"])
+    assert len(comp.skipped) == 1
+
+
+def test_sample_submission_errors(tiny):
+    (tiny / "data/tiny/test/te002.png").unlink()
+    with pytest.raises(UserError, match=r"sample_submission.csv: row \d+: no image file for id 'te002'"):
+        load()
+    pd.DataFrame({"image_id": ["te000"], "a": [1], "b": [2]}).to_csv(
+        tiny / "data/tiny/sample_submission.csv", index=False)
+    with pytest.raises(UserError, match="columns fit neither format"):
+        load()
+    (tiny / "data/tiny/sample_submission.csv").unlink()
+    with pytest.raises(UserError, match="sample_submission.csv: file not found"):
+        load()
+
+
+def test_warns_on_sample_class_absent_from_train(tiny, capsys):
+    proba_sample(tiny, ["class_0", "class_1", "class_2", "class_9"])
+    comp = load()
+    assert "class 'class_9' never appears in the train table" in capsys.readouterr().err
+    assert comp.classes[-1] == "class_9"
+
+
+def test_group_column_must_exist(tiny):
+    with pytest.raises(UserError, match="no column 'site' \\(set by data.group_column\\)"):
+        load(["data.group_column=site"])

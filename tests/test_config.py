@@ -1,0 +1,77 @@
+"""Config loading: merge, overrides, typed validation with one-line errors naming the key."""
+import pytest
+
+from conftest import write_yaml
+from pipeline.config import apply_overrides, config_hash, load_ensemble, load_experiment
+from pipeline.errors import UserError
+
+
+def test_experiment_merges_competition_and_overrides(tiny):
+    cfg = load_experiment("configs/tiny/lenet5.yaml", ["train.epochs=7", "augment.preset=heavy"])
+    assert cfg.name == "tiny" and cfg.experiment == "lenet5"
+    assert cfg.data.id_column == "image_id" and cfg.image_size == 16
+    assert cfg.train.epochs == 7 and cfg.train.batch_size == 8
+    assert cfg.augment.preset == "heavy"
+    assert str(cfg.run_dir) == "runs/tiny/lenet5"
+
+
+def test_experiment_overrides_competition_keys(tiny):
+    write_yaml(tiny / "configs/tiny/big.yaml",
+               {"competition": "competition.yaml", "model": {"backbone": "lenet5"},
+                "image_size": 24, "data": {"image_suffix": ".jpg"}})
+    cfg = load_experiment("configs/tiny/big.yaml")
+    assert cfg.image_size == 24
+    assert cfg.data.image_suffix == ".jpg" and cfg.data.id_column == "image_id"
+
+
+@pytest.mark.parametrize("override, message", [
+    (["train.epoch=3"], "configs/tiny/lenet5.yaml: train.epoch: unknown key"),
+    (["train.epochs=three"], "configs/tiny/lenet5.yaml: train.epochs: "),
+    (["train.epochs=0"], "train.epochs: Input should be greater than or equal to 1"),
+    (["augment.preset=extreme"], "augment.preset: "),
+    (["model.backbone=[1, 2]"], "model.backbone: "),
+    (["epochs"], "override 'epochs': expected key=value"),
+])
+def test_bad_values_name_the_key(tiny, override, message):
+    with pytest.raises(UserError) as err:
+        load_experiment("configs/tiny/lenet5.yaml", override)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_files_are_named(tiny):
+    with pytest.raises(UserError, match="configs/tiny/nope.yaml: config file not found"):
+        load_experiment("configs/tiny/nope.yaml")
+    write_yaml(tiny / "configs/tiny/orphan.yaml",
+               {"competition": "other.yaml", "model": {"backbone": "lenet5"}})
+    with pytest.raises(UserError, match="configs/tiny/other.yaml: config file not found"):
+        load_experiment("configs/tiny/orphan.yaml")
+
+
+def test_missing_required_key(tiny):
+    write_yaml(tiny / "configs/tiny/nomodel.yaml", {"competition": "competition.yaml"})
+    with pytest.raises(UserError, match="nomodel.yaml: model: missing required key"):
+        load_experiment("configs/tiny/nomodel.yaml")
+
+
+def test_invalid_yaml_is_one_line(tiny):
+    (tiny / "configs/tiny/broken.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(UserError, match="broken.yaml: invalid YAML") as err:
+        load_experiment("configs/tiny/broken.yaml")
+    assert "\n" not in str(err.value)
+
+
+def test_override_values_are_data_not_code(tiny):
+    data = apply_overrides({}, ["model.backbone=__import__('os').system('false')"])
+    assert data["model"]["backbone"] == "__import__('os').system('false')"
+
+
+def test_ensemble_config_and_hash(tiny):
+    write_yaml(tiny / "configs/tiny/ensemble.yaml",
+               {"competition": "competition.yaml", "experiments": ["lenet5"], "trials": 3})
+    cfg = load_ensemble("configs/tiny/ensemble.yaml")
+    assert cfg.experiments == ["lenet5"] and cfg.trials == 3
+    a = load_experiment("configs/tiny/lenet5.yaml")
+    b = load_experiment("configs/tiny/lenet5.yaml", ["train.lr=0.1"])
+    assert config_hash(a) != config_hash(b)
+    assert config_hash(a) == config_hash(load_experiment("configs/tiny/lenet5.yaml"))
