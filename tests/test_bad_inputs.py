@@ -1,0 +1,178 @@
+"""The bad-input catalogue: exit code 2, one line naming the file, row or key, nothing written.
+
+Each case breaks one thing in a tiny competition, runs the first stage that must notice,
+and checks the exit code, the single stderr line, and that no file was added or changed.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from conftest import EXPERIMENT, write_yaml
+from pipeline import ensemble, folds, train
+
+
+def snapshot(root: Path) -> dict:
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def edit_csv(path: Path, fn) -> None:
+    fn(pd.read_csv(path, dtype=str, keep_default_na=False)).to_csv(path, index=False)
+
+
+def run_stage(stage, argv, root: Path, capsys) -> str:
+    """Run a stage's main; assert exit 2, one stderr line, no traceback, nothing written."""
+    before = snapshot(root)
+    with pytest.raises(SystemExit) as exc:
+        stage.main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err
+    assert snapshot(root) == before, "a failing stage must not write or change files"
+    return lines[0]
+
+
+COMP = ["configs/tiny/competition.yaml"]
+EXP = ["configs/tiny/lenet5.yaml"]
+TRAIN_CSV = "data/tiny/train.csv"
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+# (case id, how to break the tiny competition, stage, argv, expected text in the message)
+READER_CASES = [
+    ("missing train table", lambda r: (r / TRAIN_CSV).unlink(), "train.csv: file not found"),
+    ("missing id column", lambda r: edit_csv(r / TRAIN_CSV, lambda d: d.drop(columns="image_id")),
+     "train.csv: no column 'image_id' (set by data.id_column)"),
+    ("missing target column", lambda r: edit_csv(r / TRAIN_CSV, lambda d: d.drop(columns="target")),
+     "train.csv: no column 'target' (set by data.target_column)"),
+    ("duplicate ids", lambda r: edit_csv(r / TRAIN_CSV, lambda d: pd.concat([d, d.iloc[[2]]])),
+     "train.csv: row 26: duplicate id 'tr0002'"),
+    ("empty target", lambda r: edit_csv(r / TRAIN_CSV, lambda d: d.assign(
+        target=d["target"].where(d.index != 4, ""))), "train.csv: row 6: empty target for id 'tr0004'"),
+    ("NaN target", lambda r: edit_csv(r / TRAIN_CSV, lambda d: d.assign(
+        target=d["target"].where(d.index != 9, "nan"))), "train.csv: row 11: empty target for id 'tr1001'"),
+    ("missing image", lambda r: (r / "data/tiny/train/tr2003.png").unlink(),
+     "train.csv: row 21: no image file for id 'tr2003'"),
+    ("zero-byte image", lambda r: (r / "data/tiny/train/tr2003.png").write_bytes(b""),
+     "train.csv: row 21: image file data/tiny/train/tr2003.png is empty"),
+    ("sample id without test image", lambda r: (r / "data/tiny/test/te001.png").unlink(),
+     "sample_submission.csv: row 6: no image file for id 'te001'"),
+    ("sample columns fit neither format", lambda r: pd.DataFrame(
+        {"image_id": ["te000"], "x": [0.1], "y": [0.9]}).to_csv(
+        r / "data/tiny/sample_submission.csv", index=False), "columns fit neither format"),
+    ("class smaller than folds", lambda r: edit_csv(r / TRAIN_CSV, lambda d: d.assign(
+        target=d["target"].where(d.index != 0, "lonely"))),
+     "folds.n_splits: 2 folds but class 'lonely' has only 1 rows"),
+    ("unknown config key", lambda r: write_yaml(r / COMP[0], {
+        **yaml_of(r / COMP[0]), "fold": {"n_splits": 3}}), "competition.yaml: fold: unknown key"),
+    ("wrong config type", lambda r: write_yaml(r / COMP[0], {
+        **yaml_of(r / COMP[0]), "image_size": "big"}), "competition.yaml: image_size: "),
+]
+
+
+def yaml_of(path: Path) -> dict:
+    import yaml
+    return yaml.safe_load(path.read_text())
+
+
+@pytest.mark.parametrize("case, breaker, message", READER_CASES, ids=[c[0] for c in READER_CASES])
+def test_reader_and_config_cases(tiny, capsys, case, breaker, message):
+    breaker(tiny)
+    line = run_stage(folds, COMP, tiny, capsys)
+    assert message in line
+
+
+IMAGE_CASES = [
+    ("corrupt image", lambda p: p.write_bytes(b"this is not a png at all" * 10)),
+    ("truncated image", _truncate),
+]
+
+
+@pytest.mark.parametrize("case, breaker", IMAGE_CASES, ids=[c[0] for c in IMAGE_CASES])
+def test_undecodable_images_stop_training(tiny, capsys, case, breaker):
+    folds.main(COMP)
+    breaker(tiny / "data/tiny/train/tr1004.png")
+    line = run_stage(train, EXP, tiny, capsys)
+    assert "data/tiny/train/tr1004.png" in line and "cannot decode" in line
+
+
+def test_unknown_backbone_suggests_close_names(tiny, capsys):
+    folds.main(COMP)
+    line = run_stage(train, EXP + ["model.backbone=resnet1"], tiny, capsys)
+    assert "model.backbone: unknown model 'resnet1'" in line and "did you mean" in line
+
+
+def test_pretrained_file_missing(tiny, capsys):
+    folds.main(COMP)
+    line = run_stage(train, EXP + ["model.pretrained=weights/nope.safetensors"], tiny, capsys)
+    assert "model.pretrained: weights file weights/nope.safetensors not found" in line
+
+
+def test_pretrained_file_for_another_architecture(tiny, capsys):
+    folds.main(COMP)
+    Path("weights").mkdir()
+    save_file({"conv.weight": torch.zeros(4, 3, 3, 3)}, "weights/other.safetensors")
+    line = run_stage(train, EXP + ["model.pretrained=weights/other.safetensors"], tiny, capsys)
+    assert "model.pretrained: weights/other.safetensors does not fit 'lenet5'" in line
+
+
+def _fake_run(root: Path, exp: str, fold_hash: str, fold: np.ndarray) -> None:
+    run = root / "runs/tiny" / exp
+    run.mkdir(parents=True)
+    ids = pd.read_csv(root / TRAIN_CSV, dtype=str)["image_id"]
+    proba = np.full((len(ids), 3), 1 / 3)
+    oof = pd.DataFrame(proba, columns=["class_0", "class_1", "class_2"])
+    oof.insert(0, "fold", fold)
+    oof.insert(0, "id", ids)
+    oof.to_csv(run / "oof_tta.csv", index=False)
+    test_ids = pd.read_csv(root / "data/tiny/sample_submission.csv", dtype=str)["image_id"]
+    test = pd.DataFrame(np.full((len(test_ids), 3), 1 / 3), columns=["class_0", "class_1", "class_2"])
+    test.insert(0, "id", test_ids)
+    test.to_csv(run / "test.csv", index=False)
+    (run / "scores.json").write_text(json.dumps({"tag": f"cfg-{fold_hash}", "cv": 0.5}))
+
+
+def test_blending_runs_built_on_different_folds(tiny, capsys):
+    fold = np.arange(24) % 2
+    _fake_run(tiny, "a", "foldsAAAA", fold)
+    _fake_run(tiny, "b", "foldsBBBB", fold)
+    write_yaml(tiny / "configs/tiny/ensemble.yaml",
+               {"competition": "competition.yaml", "experiments": ["a", "b"], "trials": 3})
+    line = run_stage(ensemble, ["configs/tiny/ensemble.yaml"], tiny, capsys)
+    assert "experiments 'a' and 'b' were trained on different fold files" in line
+
+
+def test_output_folder_not_writable(tiny, capsys):
+    Path("folds").write_text("a file where the folds folder should be")
+    line = run_stage(folds, COMP, tiny, capsys)
+    assert "folds: output folder is not writable" in line
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "I;16", "P", "RGBA", "LA", "L"])
+def test_unusual_image_modes_are_converted_not_rejected(tiny, mode):
+    path = tiny / "data/tiny/train/tr0000.png"
+    rgb = Image.open(path).convert("RGB")
+    if mode == "I;16":
+        img = Image.fromarray((np.asarray(rgb.convert("L"), dtype=np.uint16) * 257))
+    else:
+        img = rgb.convert(mode)
+    img.save(path.with_suffix(".tiff") if mode == "CMYK" else path)
+    if mode == "CMYK":
+        path.unlink()
+        edit_csv(tiny / TRAIN_CSV, lambda d: d.assign(
+            image_id=d["image_id"].where(d.index != 0, "tr0000.tiff")))
+    folds.main(COMP)
+    train.main(EXP + ["train.epochs=1"])
+    assert (tiny / "runs/tiny/lenet5/oof.csv").is_file()
