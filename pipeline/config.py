@@ -110,8 +110,10 @@ class AugmentConfig(Strict):
 
 class TTAConfig(Strict):
     views: Union[ViewSet, Literal["auto"]] = "none"
-    candidates: list[ViewSet] = ["none", "hflip", "five_crop", "ten_crop", "dihedral8"]
+    candidates: list[ViewSet] = Field(["none", "hflip", "five_crop", "ten_crop", "dihedral8"],
+                                      min_length=1)
     merge: Literal["mean", "geometric"] = "mean"
+    max_batch: int | None = Field(None, ge=1)  # views per forward pass; None: train.eval_batch_size
 
 
 class ExperimentConfig(CompetitionConfig):
@@ -197,6 +199,18 @@ def _validate(cls: type[BaseModel], data: dict, source: Path):
         raise UserError(f"{source}: {key}: {msg}") from None
 
 
+def _own_overrides(cls: type[BaseModel], overrides: list[str] | None) -> list[str]:
+    """Keep the overrides meant for `cls`; drop those for the other config kinds.
+
+    One `SET="..."` list serves every stage (folds, train, ensemble), so `train.epochs=3`
+    is dropped for the competition file; a key no config kind knows is kept, so it fails.
+    """
+    known = set().union(*(c.model_fields for c in (ExperimentConfig, EnsembleConfig)))
+    return [o for o in overrides or []
+            if o.partition("=")[0].split(".")[0] in cls.model_fields
+            or o.partition("=")[0].split(".")[0] not in known]
+
+
 def _resolve(path: str | Path, overrides: list[str] | None) -> tuple[dict, Path]:
     path = Path(path)
     own = read_yaml(path)
@@ -212,18 +226,18 @@ def _resolve(path: str | Path, overrides: list[str] | None) -> tuple[dict, Path]
 
 
 def load_competition(path: str | Path, overrides: list[str] | None = None) -> CompetitionConfig:
-    data, path = _resolve(path, overrides)
+    data, path = _resolve(path, _own_overrides(CompetitionConfig, overrides))
     return _validate(CompetitionConfig, data, path)
 
 
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    data, path = _resolve(path, overrides)
+    data, path = _resolve(path, _own_overrides(ExperimentConfig, overrides))
     data.setdefault("experiment", path.stem)
     return _validate(ExperimentConfig, data, path)
 
 
 def load_ensemble(path: str | Path, overrides: list[str] | None = None) -> EnsembleConfig:
-    data, path = _resolve(path, overrides)
+    data, path = _resolve(path, _own_overrides(EnsembleConfig, overrides))
     data.setdefault("experiment", path.stem)
     return _validate(EnsembleConfig, data, path)
 

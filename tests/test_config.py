@@ -75,3 +75,12 @@ def test_ensemble_config_and_hash(tiny):
     b = load_experiment("configs/tiny/lenet5.yaml", ["train.lr=0.1"])
     assert config_hash(a) != config_hash(b)
     assert config_hash(a) == config_hash(load_experiment("configs/tiny/lenet5.yaml"))
+
+
+def test_shared_override_list_serves_every_stage(tiny):
+    from pipeline.config import load_competition
+    sets = ["train.epochs=3", "trials=9", "seed=5"]
+    assert load_competition("configs/tiny/competition.yaml", sets).seed == 5
+    assert load_experiment("configs/tiny/lenet5.yaml", sets).train.epochs == 3
+    with pytest.raises(UserError, match="trian: unknown key"):
+        load_competition("configs/tiny/competition.yaml", ["trian.epochs=3"])
