@@ -23,7 +23,7 @@ class _Classic(nn.Module):
         self.features = features
         self.pool = nn.AdaptiveAvgPool2d(pool)
         layers, dim = [], flat_dim
-        for i, width in enumerate(hidden):
+        for width in hidden:
             layers += [nn.Dropout(drop_rate), nn.Linear(dim, width), nn.ReLU(inplace=True)]
             dim = width
         self.pre_logits = nn.Sequential(*layers)
@@ -32,7 +32,8 @@ class _Classic(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False):
-        return dict(stem=r"^features\.0", blocks=[(r"^features\.(\d+)", None),
+        """Stem, each layer of `features` (one group per index), the MLP; the head is unmatched."""
+        return dict(stem=r"^features\.0\.", blocks=[(r"^features\.(\d+)", None),
                                                    (r"^pre_logits", (5000,))])
 
     @torch.jit.ignore

@@ -11,6 +11,7 @@ import pandas as pd
 
 from pipeline.config import CompetitionConfig
 from pipeline.errors import UserError
+from pipeline.images import undecodable
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,9 @@ class ImageIndex:
         return names.get(Path(image_id + self.suffix).name) or names.get(Path(image_id).name)
 
 
-def _attach_paths(ids: pd.Series, index: ImageIndex, table: Path, on_bad: str) -> tuple[list, list]:
+def _attach_paths(ids: pd.Series, index: ImageIndex, table: Path, on_bad: str,
+                  cache_dir: str = "cache") -> tuple[list, list]:
+    """Image path per id; with on_bad='skip', missing, empty and undecodable files give None."""
     paths, bad = [], []
     for row, image_id in enumerate(ids):
         path = index.find(image_id)
@@ -118,6 +121,12 @@ def _attach_paths(ids: pd.Series, index: ImageIndex, table: Path, on_bad: str) -
         if problem:
             bad.append(f"{table} row {row + 2}: {problem}")
         paths.append(None if problem else str(path))
+    if on_bad == "skip":  # corrupt files too; in error mode the image cache names them
+        corrupt = undecodable([p for p in paths if p is not None], cache_dir)
+        for row, path in enumerate(paths):
+            if path in corrupt:
+                bad.append(f"{table} row {row + 2}: {corrupt[path]}")
+                paths[row] = None
     return paths, bad
 
 
@@ -196,7 +205,7 @@ def load_competition_data(cfg: CompetitionConfig) -> Competition:
         raise UserError(f"task: binary needs 2 classes, {train_path} has {len(classes)}")
 
     train_paths, bad = _attach_paths(train["id"], ImageIndex(d.path("train_images"), d.image_suffix),
-                                     train_path, d.on_bad_image)
+                                     train_path, d.on_bad_image, d.cache_dir)
     train["path"] = train_paths
     test = pd.DataFrame({"id": sample[sample.columns[0]].str.strip()})
     test_paths, bad_test = _attach_paths(test["id"], ImageIndex(d.path("test_images"), d.image_suffix),

@@ -70,11 +70,17 @@ class ModelConfig(Strict):
 
 
 class StageConfig(Strict):
+    """One fine-tuning stage: its epochs and what trains: `head`, `all`, or an integer k,
+    the top k layer groups (the head counts as one)."""
+
     epochs: int = Field(ge=1)
     train: Union[Literal["head", "all"], int] = "all"
 
 
 class FinetuneConfig(Strict):
+    """Progressive unfreezing (pipeline.finetune): `stages`, or `policy: auto` to choose them
+    from the training-set size; each group's rate is the one above's / `lr_decay`."""
+
     policy: Literal["manual", "auto"] = "manual"
     stages: list[StageConfig] | None = None
     lr_decay: float = Field(2.6, ge=1)
@@ -93,8 +99,9 @@ class TrainConfig(Strict):
     grad_clip: float | None = Field(5.0, gt=0)
     ema_decay: float | None = Field(None, gt=0, lt=1)
     patience: int | None = Field(None, ge=1)
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0)  # 0: a background thread prepares the batches
     eval_batch_size: int = Field(256, ge=1)
+    channels_last: bool = False  # NHWC model and inputs: faster for some models (`make bench`)
 
 
 class AugmentConfig(Strict):
@@ -130,6 +137,10 @@ class ExperimentConfig(CompetitionConfig):
 
 
 class EnsembleConfig(CompetitionConfig):
+    """`mode: tune` searches the blend mode as an optuna categorical; `trials` is per study
+    (nested CV tunes one more study per fold); `storage`: an optuna database URL holding a
+    persistent study that several workers may share (default: a fresh study each run)."""
+
     experiment: str = "ensemble"
     experiments: list[str] = Field(min_length=1)
     trials: int = Field(200, ge=1)

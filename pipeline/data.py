@@ -1,68 +1,203 @@
-"""Datasets over the uint8 image cache, loaders, and on-the-fly normalisation."""
+"""Batches of the uint8 image cache, augmented a batch at a time, and on-the-fly normalisation.
+
+A loader hands out whole batches: the sampler (in the main process) turns an epoch into
+`BatchKey`s, and the dataset gathers a key's rows from the memory-mapped cache and augments
+them in one go, in a background thread of the main process or in worker processes, while
+the model trains on the previous batch. Each batch's randomness comes from
+(seed, epoch, batch number) alone, so a seed gives the same batches whatever the number of
+workers.
+"""
 from __future__ import annotations
 
+import queue
+import threading
+from dataclasses import dataclass
+
+import albumentations as A
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler
 
+from pipeline.batch_augment import compile_compose
 from pipeline.models import InputSpec
 
 
-class CachedImages(Dataset):
-    """Rows of a cached uint8 array through an albumentations transform -> CxHxW uint8 tensors.
+@dataclass(frozen=True)
+class BatchKey:
+    """One batch: positions into the dataset's rows, and what seeds its augmentation."""
 
-    The transform is reseeded from (seed, epoch, worker), so the same seed gives the same
-    augmented batches for a given number of workers, in every run.
+    epoch: int
+    number: int
+    positions: np.ndarray
+
+
+class PerImage:
+    """Fallback for pipelines with no batched equivalent: albumentations image by image."""
+
+    def __init__(self, compose: A.Compose):
+        self.compose = compose
+
+    def __call__(self, x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        self.compose.set_random_seed(int(rng.integers(2**31 - 1)))
+        images = x.permute(0, 2, 3, 1).numpy()
+        out = [self.compose(image=np.ascontiguousarray(img))["image"] for img in images]
+        out = np.stack([o[:, :, None] if o.ndim == 2 else o for o in out])
+        return torch.from_numpy(out).permute(0, 3, 1, 2)
+
+
+def batch_transform(compose: A.Compose | None):
+    """`f(uint8 N x C x H x W, numpy generator) -> batch` running `compose` (None: identity)."""
+    if compose is None:
+        return None
+    return compile_compose(compose) or PerImage(compose)
+
+
+class CachedImages(Dataset):
+    """Rows of a cached N x H x W x C uint8 array -> (N x C x h x w batch, int64 labels).
+
+    `transform` is an albumentations Compose (or None for the whole cached image). Batches
+    are uint8, or float32 in [0, 255] when the batched augmentation resampled or recoloured
+    them. Indexing takes a `BatchKey` from `make_loader`'s sampler.
     """
 
     def __init__(self, images: np.ndarray, rows: np.ndarray, labels: np.ndarray | None,
-                 transform=None, seed: int = 0):
-        self.images, self.rows, self.labels = images, np.asarray(rows), labels
-        self.transform, self.seed, self.epoch = transform, seed, 0
-        self._seeded_for = None
+                 transform: A.Compose | None = None, seed: int = 0):
+        self.images, self.rows = images, np.asarray(rows, dtype=np.int64)
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+        self.augment = batch_transform(transform)
+        self.seed, self.epoch = seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _reseed(self) -> None:
-        if self.transform is None:
-            return
-        info = get_worker_info()
-        key = (self.epoch, info.id if info else -1)
-        if key != self._seeded_for:
-            self.transform.set_random_seed(self.seed * 1_000_003 + self.epoch * 997 + key[1] + 1)
-            self._seeded_for = key
-
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int):
-        self._reseed()
-        img = np.asarray(self.images[self.rows[i]])
-        if self.transform is not None:
-            img = self.transform(image=img)["image"]
-        x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
-        label = -1 if self.labels is None else int(self.labels[i])
-        return x, label
+    def batch(self, positions: np.ndarray, epoch: int = 0, number: int = 0):
+        x = torch.from_numpy(np.ascontiguousarray(self.images[self.rows[positions]]))
+        x = x.permute(0, 3, 1, 2)  # NCHW view of NHWC memory
+        if self.augment is not None:
+            x = self.augment(x, np.random.default_rng([self.seed, epoch, number]))
+        y = (torch.full((len(positions),), -1, dtype=torch.int64) if self.labels is None
+             else torch.from_numpy(self.labels[positions]))
+        return x, y
+
+    def __getitem__(self, key: BatchKey):
+        return self.batch(key.positions, key.epoch, key.number)
 
 
-def _worker_init(_: int) -> None:
+class EpochBatches(Sampler):
+    """Keys of one epoch's batches: shuffled by `seed` (fixed per loader), tagged with the epoch."""
+
+    def __init__(self, dataset: CachedImages, batch_size: int, shuffle: bool, seed: int,
+                 drop_last: bool):
+        self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
+        self.seed, self.drop_last = seed, drop_last
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        n, epoch = len(self.dataset), self.dataset.epoch
+        order = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
+                 else np.arange(n))
+        size = self.batch_size
+        for number in range(len(self)):
+            yield BatchKey(epoch, number, order[number * size:(number + 1) * size])
+
+
+def worker_init(_: int) -> None:
+    """Workers: OpenCV single-threaded and one torch thread each, so they do not oversubscribe."""
     cv2.setNumThreads(0)
     torch.set_num_threads(1)
 
 
+class Prefetched:
+    """Iterates a loader in a background thread, `depth` batches ahead of the consumer.
+
+    Torch ops release the GIL, so the next batch is gathered and augmented while the model
+    trains on this one. The thread runs its ops single-threaded so it does not fight the
+    model's intra-op threads.
+    """
+
+    def __init__(self, loader: DataLoader, depth: int = 2):
+        self.loader, self.depth = loader, depth
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        q: queue.Queue = queue.Queue(self.depth)
+        stop = threading.Event()
+        threads = torch.get_num_threads()
+
+        def produce() -> None:
+            torch.set_num_threads(1)  # this thread's pool; restored below for threads made later
+            try:
+                for item in self.loader:
+                    if stop.is_set():
+                        return
+                    q.put((item, None))
+                q.put((None, None))
+            except BaseException as err:  # handed to the consumer, raised there
+                q.put((None, err))
+            finally:
+                torch.set_num_threads(threads)
+
+        thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item, err = q.get()
+                if err is not None:
+                    raise err
+                if item is None:
+                    return
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    q.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+
+
 def make_loader(dataset: CachedImages, batch_size: int, shuffle: bool, num_workers: int,
-                seed: int, drop_last: bool = False) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                      generator=generator, drop_last=drop_last, worker_init_fn=_worker_init,
-                      persistent_workers=False)
+                seed: int, drop_last: bool = False) -> DataLoader | Prefetched:
+    """Batches of `dataset`; the same seed and epoch give the same batches for any `num_workers`.
+
+    With `num_workers=0` a background thread prepares the next batches (`Prefetched`);
+    otherwise worker processes do, each prefetching 4 batches.
+    """
+    loader = DataLoader(dataset, batch_size=None,
+                        sampler=EpochBatches(dataset, batch_size, shuffle, seed, drop_last),
+                        num_workers=num_workers, worker_init_fn=worker_init,
+                        prefetch_factor=4 if num_workers else None)
+    return loader if num_workers else Prefetched(loader)
 
 
-def normalize(x: torch.Tensor, spec: InputSpec) -> torch.Tensor:
-    """uint8 NxCxHxW -> float, scaled to [0, 1] then standardised with the model's mean/std."""
-    c = x.shape[1]
-    mean = torch.tensor(spec.mean[:c] if len(spec.mean) >= c else spec.mean * c).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std[:c] if len(spec.std) >= c else spec.std * c).view(1, -1, 1, 1)
-    return (x.float() / 255.0 - mean) / std
+def channel_stats(spec: InputSpec, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std per input channel: the model's own, or their average for 1-channel input."""
+    if channels == len(spec.mean):
+        return tuple(spec.mean), tuple(spec.std)
+    if channels == 1:
+        return (float(np.mean(spec.mean)),), (float(np.mean(spec.std)),)
+    raise ValueError(f"cannot normalise {channels} channels with {len(spec.mean)} mean values")
+
+
+def normalize(x: torch.Tensor, spec: InputSpec, channels_last: bool = False) -> torch.Tensor:
+    """N x C x H x W in [0, 255] (uint8 or float) -> float32 (x / 255 - mean) / std, model stats."""
+    mean, std = channel_stats(spec, x.shape[1])
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(1, -1, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(1, -1, 1, 1)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty(x.shape, dtype=torch.float32, memory_format=fmt)
+    return torch.addcmul(shift, x, scale, out=out)
+
+
+def to_memory_format(model: torch.nn.Module, channels_last: bool) -> torch.nn.Module:
+    """The model in NHWC layout when `channels_last` (fed by `normalize(..., channels_last=True)`)."""
+    return model.to(memory_format=torch.channels_last) if channels_last else model

@@ -1,19 +1,38 @@
-"""Stage 4: blend experiments with optuna-tuned simplex weights -> runs/<comp>/ensemble/.
+"""Stage 4: blend experiments with optuna-tuned simplex weights -> runs/<comp>/<ensemble>/.
 
-Writes weights.json (weights, mode, in-sample and nested-CV scores), test.csv (the blended
-test probabilities), report.md and the optuna study (study.db, openable by optuna-dashboard).
+Reads each experiment's oof_tta.csv, test.csv and scores.json and refuses, naming the
+experiments, to blend OOF built on different fold files, ids or class orders. Writes:
+  weights.json   the weights and mode used, and every score below;
+  test.csv       the blended test probabilities (the submit stage formats them);
+  report.md      in-sample tuned vs nested-CV tuned vs equal weights vs the best single model,
+                 the weights, history.png (optimisation history), folds.png (per-fold scores);
+  study.db       the optuna study: `optuna-dashboard sqlite:///runs/<comp>/ensemble/study.db`.
+
+When the tuned weights do not beat equal weights under nested CV the stage says so and, with
+`fallback_to_equal` (the default), uses equal weights (in the `mean` mode when `mode: tune`).
+
+Determinism: by default every run tunes a fresh study seeded by `seed` (in memory, then saved
+to study.db through a temporary file), so the same inputs give byte-identical weights.json and
+test.csv. With `storage: <optuna database URL>` the study `<comp>-<ensemble>` lives there and
+persists: a rerun reuses its trials, and several workers may run this stage at once on it,
+stopping together at `trials`. Their sampling is then unseeded (seeded workers would propose
+the same trials), so results depend on the interleaving; each worker writes the artifacts from
+the best trial it sees, so rerun the stage once after the last worker has finished.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import sqlite3
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pandas as pd
+import sqlalchemy.exc
+from matplotlib.figure import Figure
 
 from pipeline import blend, metrics
 from pipeline.artifacts import atomic_path, write_csv, write_json, write_text
@@ -25,9 +44,9 @@ from pipeline.errors import UserError, cli
 @dataclass
 class Member:
     name: str
-    oof: pd.DataFrame  # id, fold, classes
-    test: pd.DataFrame  # id, classes
-    tag: str
+    oof: pd.DataFrame  # id, fold, one probability column per class
+    test: pd.DataFrame  # id, one probability column per class
+    fold_hash: str  # hash of the fold file the experiment was trained on
 
 
 def load_member(run_dir: Path) -> Member:
@@ -36,83 +55,300 @@ def load_member(run_dir: Path) -> Member:
     for p in paths.values():
         if not p.is_file():
             raise UserError(f"{p}: not found; train and predict experiment {run_dir.name} first")
-    read = lambda p: pd.read_csv(p, dtype={"id": str}, keep_default_na=False)  # noqa: E731
-    tag = json.loads(paths["scores"].read_text())["tag"]
-    return Member(run_dir.name, read(paths["oof"]), read(paths["test"]), tag)
+    tag = json.loads(paths["scores"].read_text()).get("tag")
+    if not tag:
+        raise UserError(f"{paths['scores']}: no 'tag'; retrain experiment {run_dir.name}")
+    tables = {}
+    for part, needed in (("oof", ["id", "fold"]), ("test", ["id"])):
+        df = pd.read_csv(paths[part], dtype={"id": str}, keep_default_na=False)
+        if not set(needed) <= set(df.columns):
+            raise UserError(f"{paths[part]}: needs columns {needed}; "
+                            f"rerun predict for {run_dir.name}")
+        dup = df["id"].duplicated()
+        if dup.any():
+            raise UserError(f"{paths[part]}: duplicate id {df['id'][dup].iloc[0]!r}")
+        tables[part] = df
+    return Member(run_dir.name, tables["oof"], tables["test"], tag.rsplit("-", 1)[-1])
 
 
-def check_compatible(members: list[Member]) -> None:
-    """Refuse, naming the experiments, to blend OOF of other folds, ids or class orders."""
+def classes_of(df: pd.DataFrame) -> list[str]:
+    return [c for c in df.columns if c not in ("id", "fold")]
+
+
+def _id_difference(a: pd.Series, b: pd.Series) -> str | None:
+    only = set(a).symmetric_difference(b)
+    return f"{len(only)} ids in only one of them, e.g. {min(only)!r}" if only else None
+
+
+def align(members: list[Member], classes: list[str]) -> list[Member]:
+    """Check the experiments can be blended; return them with rows in the first one's order.
+
+    Refuses, naming both experiments, OOF from different fold files or fold assignments,
+    different OOF or test ids, and different class columns or class order.
+    """
     ref = members[0]
+    aligned = [ref]
     for m in members[1:]:
         pair = f"experiments {ref.name!r} and {m.name!r}"
-        if ref.tag.split("-")[-1] != m.tag.split("-")[-1]:
+        if m.fold_hash != ref.fold_hash:
             raise UserError(f"{pair} were trained on different fold files; retrain one of them")
-        if list(ref.oof.columns) != list(m.oof.columns):
-            raise UserError(f"{pair} have different class columns or order")
-        if list(ref.oof["id"]) != list(m.oof["id"]) or not ref.oof["fold"].equals(m.oof["fold"]):
-            raise UserError(f"{pair} have different OOF ids or folds")
-        if list(ref.test["id"]) != list(m.test["id"]):
-            raise UserError(f"{pair} have different test ids")
+        for part in ("oof", "test"):
+            a, b = getattr(ref, part), getattr(m, part)
+            if classes_of(a) != classes_of(b):
+                raise UserError(f"{pair} have different {part} class columns or order: "
+                                f"{classes_of(a)} vs {classes_of(b)}")
+            diff = _id_difference(a["id"], b["id"])
+            if diff:
+                raise UserError(f"{pair} have different {part} ids ({diff})")
+        oof = m.oof.set_index("id").loc[ref.oof["id"]].reset_index()
+        test = m.test.set_index("id").loc[ref.test["id"]].reset_index()
+        if not np.array_equal(oof["fold"].to_numpy(), ref.oof["fold"].to_numpy()):
+            raise UserError(f"{pair} assign some OOF ids to different folds; retrain one of them")
+        aligned.append(Member(m.name, oof, test, m.fold_hash))
+    for part in ("oof", "test"):
+        if classes_of(getattr(ref, part)) != classes:
+            raise UserError(f"experiment {ref.name!r}: {part} class columns "
+                            f"{classes_of(getattr(ref, part))} differ from the competition's "
+                            f"classes {classes}; rerun its predict stage")
+    return aligned
+
+
+def targets(member: Member, train: pd.DataFrame, y_train: np.ndarray) -> np.ndarray:
+    """Class indices of the OOF rows, looked up in the train table by id."""
+    index = pd.Index(train["id"]).get_indexer(member.oof["id"])
+    if (index < 0).any():
+        missing = member.oof["id"][index < 0].iloc[0]
+        raise UserError(f"experiment {member.name!r}: OOF id {missing!r} is not in the train table")
+    return y_train[index]
+
+
+def open_study(cfg: EnsembleConfig, experiments: list[str], modes: tuple[str, ...]) -> optuna.Study:
+    """The study to tune: a fresh seeded one in memory, or the one named `<comp>-<ensemble>` in
+    `cfg.storage` (refused when it was tuned for another metric, experiments or modes)."""
+    setup = dict(metric=cfg.metric, experiments=experiments, modes=list(modes))
+    if cfg.storage:
+        name = f"{cfg.name}-{cfg.experiment}"
+        try:
+            study = blend.new_study(cfg.metric, None, cfg.storage, name)
+        except (ValueError, ImportError, sqlalchemy.exc.SQLAlchemyError) as err:
+            raise UserError(f"storage: optuna cannot open {cfg.storage!r} "
+                            f"({str(err).splitlines()[0]})") from None
+        found = {k: study.user_attrs.get(k) for k in setup}
+        if study.trials and found != setup:
+            raise UserError(f"storage: study {name!r} in {cfg.storage} was tuned for {found}, "
+                            f"not {setup}; set another storage or ensemble name")
+    else:
+        study = blend.new_study(cfg.metric, cfg.seed)
+    for key, value in setup.items():
+        study.set_user_attr(key, value)
+    return study
+
+
+def save_study(study: optuna.Study, path: Path, name: str) -> None:
+    """Copy an in-memory study into a SQLite file, atomically. The temporary file is written
+    without syncs or a rollback journal: it only takes its final name once complete."""
+    with atomic_path(path) as tmp:
+        def connect() -> sqlite3.Connection:
+            connection = sqlite3.connect(tmp)
+            connection.execute("PRAGMA synchronous = OFF")
+            connection.execute("PRAGMA journal_mode = MEMORY")
+            return connection
+
+        storage = optuna.storages.RDBStorage(f"sqlite:///{tmp}",
+                                             engine_kwargs={"creator": connect})
+        saved = optuna.create_study(storage=storage, study_name=name,
+                                    direction=study.direction.name.lower())
+        for key, value in study.user_attrs.items():
+            saved.set_user_attr(key, value)
+        saved.add_trials(study.trials)
+        storage.engine.dispose()
+
+
+def plot_history(study: optuna.Study, metric: str, path: Path) -> None:
+    trials = [t for t in study.trials if t.value is not None]
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    for mode in dict.fromkeys(t.user_attrs["mode"] for t in trials):
+        pts = [(t.number, t.value) for t in trials if t.user_attrs["mode"] == mode]
+        ax.scatter(*zip(*pts), s=10, alpha=0.6, label=f"trial ({mode})")
+    best = np.maximum.accumulate if metrics.HIGHER_IS_BETTER[metric] else np.minimum.accumulate
+    ax.step([t.number for t in trials], best([t.value for t in trials]), where="post",
+            color="black", label="best so far")
+    ax.set(xlabel="trial", ylabel=f"OOF {metric}", title="optimisation history")
+    ax.legend(fontsize=8)
+    _save_png(fig, path)
+
+
+def plot_folds(per_fold: dict, metric: str, path: Path) -> None:
+    """One line per series across the folds: {series: {fold: score}}."""
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    for name, scores in per_fold.items():
+        style = "-o" if name in ("nested-CV tuned", "equal weights") else "--."
+        ax.plot(list(scores), list(scores.values()), style, label=name)
+    ax.set(xlabel="fold", ylabel=f"{metric}", title="per-fold scores")
+    ax.set_xticks(list(next(iter(per_fold.values()))))
+    ax.legend(fontsize=8)
+    _save_png(fig, path)
+
+
+def _save_png(fig: Figure, path: Path) -> None:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+
+
+def score_table(result: dict) -> str:
+    """The markdown table: in-sample tuned, nested-CV tuned, equal weights, best single."""
+    metric = result["metric"]
+    nested = result["nested_cv"]
+    rows = [("in-sample tuned", result["tuned_in_sample_cv"],
+             "tuned and scored on the same OOF: optimistic"),
+            ("nested-CV tuned", nested,
+             "tuned on k-1 folds, scored on the held-out fold" if nested is not None
+             else "not run (nested_cv: false)"),
+            ("equal weights", result["equal_weights_cv"], "no tuning"),
+            (f"best single ({result['best_single']})", result["single_cv"][result["best_single"]],
+             "OOF with TTA")]
+    lines = [f"| blend | {metric} | |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {'-' if v is None else f'{v:.5f}'} | {note} |" for name, v, note in rows]
+    return "\n".join(lines)
+
+
+def render_report(result: dict, cfg: EnsembleConfig) -> str:
+    names = result["experiments"]
+    nested = result["nested_fold_weights"]
+    head = ["experiment", "single CV", "tuned (all folds)", "used"] + [f"fold {f}" for f in nested]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for n in names:
+        cells = [n, f"{result['single_cv'][n]:.5f}", f"{result['tuned_weights'][n]:.3f}",
+                 f"{result['weights'][n]:.3f}"] + [f"{w[n]:.3f}" for w in nested.values()]
+        lines.append("| " + " | ".join(cells) + " |")
+    modes = [result["tuned_mode"], result["mode"]] + list(result["nested_fold_modes"].values())
+    lines.append("| mode | | " + " | ".join(modes) + " |")
+    storage = cfg.storage or f"sqlite:///{cfg.run_dir / 'study.db'}"
+    sampler = "TPE, a study shared through `storage`" if cfg.storage else f"TPE, seed {cfg.seed}"
+    return "\n".join([
+        f"# Ensemble `{cfg.experiment}` of {cfg.name}: {', '.join(names)}", "",
+        f"Metric: {result['metric']} ({metrics.direction(result['metric'])}); "
+        f"{cfg.trials} optuna trials ({sampler}), mode `{cfg.mode}`.", "",
+        score_table(result), "",
+        f"**Used: {result['choice']} weights, mode `{result['mode']}`, OOF {result['metric']} "
+        f"{result['cv']:.5f}.** {result['decision']}", "",
+        "## Weights", "",
+        "Tuned on all folds, used, and (nested CV) tuned without each fold:", "",
+        *lines, "",
+        f"Study: `{storage}`, name `{cfg.name}-{cfg.experiment}`.", "",
+        "![optimisation history](history.png)", "",
+        "![per-fold scores](folds.png)", ""])
+
+
+def decide(cfg: EnsembleConfig, nested: float | None, equal: float) -> tuple[str, str]:
+    """(choice, one-line reason): tuned or equal weights, from the nested-CV comparison."""
+    if nested is None:
+        return "tuned", "Nested CV is off: the tuned weights are not checked against equal ones."
+    versus = f"equal weights under nested CV ({nested:.5f} vs {equal:.5f})"
+    if metrics.better(cfg.metric, nested, equal):
+        return "tuned", f"Tuned weights beat {versus}."
+    verdict = f"Tuned weights do not beat {versus}"
+    if cfg.fallback_to_equal:
+        return "equal", verdict + ": using equal weights."
+    return "tuned", verdict + ": keeping them anyway (fallback_to_equal: false)."
+
+
+@dataclass
+class Inputs:
+    names: list[str]
+    classes: list[str]
+    y: np.ndarray  # (N,) class index of each OOF row
+    folds: np.ndarray  # (N,) fold of each OOF row
+    oof: np.ndarray  # (M, N, K) OOF probabilities
+    test: np.ndarray  # (M, T, K) test probabilities
+    test_ids: np.ndarray  # (T,)
+
+
+def load_inputs(cfg: EnsembleConfig) -> Inputs:
+    if len(set(cfg.experiments)) != len(cfg.experiments):
+        raise UserError(f"experiments: {cfg.experiments} names an experiment twice")
+    comp = load_competition_data(cfg)
+    classes = list(comp.classes)
+    members = align([load_member(Path("runs") / cfg.name / e) for e in cfg.experiments], classes)
+    return Inputs([m.name for m in members], classes,
+                  targets(members[0], comp.train, comp.target_index()),
+                  members[0].oof["fold"].to_numpy(),
+                  np.stack([m.oof[classes].to_numpy(np.float64) for m in members]),
+                  np.stack([m.test[classes].to_numpy(np.float64) for m in members]),
+                  members[0].test["id"].to_numpy())
+
+
+def blend_modes(cfg: EnsembleConfig) -> tuple[str, ...]:
+    """The modes to search; with `mode: tune` the first (mean) is also the equal-weight one."""
+    return blend.MODES if cfg.mode == "tune" else (cfg.mode,)
+
+
+def evaluate(cfg: EnsembleConfig, data: Inputs, study: optuna.Study) -> dict:
+    """Tune, score the comparison (in-sample tuned, nested-CV tuned, equal weights, single
+    models, overall and per fold) and choose the weights; returns weights.json's content."""
+    metric, y, folds, oof = cfg.metric, data.y, data.folds, data.oof
+    modes = blend_modes(cfg)
+    tuned = blend.tune(oof, y, metric, cfg.trials, modes, study, folds)
+    eq = blend.equal_weights(len(data.names))
+    equal_oof = blend.blend(oof, eq, modes[0], folds)
+    equal_cv = metrics.score(metric, y, equal_oof)
+    nested = blend.nested_cv(oof, y, folds, metric, cfg.trials, modes, cfg.seed) \
+        if cfg.nested_cv else None
+    choice, decision = decide(cfg, nested.score if nested else None, equal_cv)
+    weights, mode = (tuned.weights, tuned.mode) if choice == "tuned" else (eq, modes[0])
+
+    def named(w: np.ndarray) -> dict:
+        return dict(zip(data.names, np.asarray(w).tolist()))
+
+    single = {n: metrics.score(metric, y, p) for n, p in zip(data.names, oof)}
+    per_fold = {n: blend.fold_scores(metric, y, folds, p) for n, p in zip(data.names, oof)}
+    per_fold["equal weights"] = blend.fold_scores(metric, y, folds, equal_oof)
+    per_fold["in-sample tuned"] = blend.fold_scores(
+        metric, y, folds, blend.blend(oof, tuned.weights, tuned.mode, folds))
+    if nested:
+        per_fold["nested-CV tuned"] = nested.per_fold
+    return dict(
+        metric=metric, experiments=data.names, choice=choice, decision=decision,
+        weights=named(weights), mode=mode,
+        cv=metrics.score(metric, y, blend.blend(oof, weights, mode, folds)),
+        tuned_weights=named(tuned.weights), tuned_mode=tuned.mode,
+        tuned_in_sample_cv=tuned.score, nested_cv=nested.score if nested else None,
+        equal_weights_cv=equal_cv, single_cv=single, best_single=metrics.best_key(metric, single),
+        nested_fold_weights={f: named(w) for f, w in nested.weights.items()} if nested else {},
+        nested_fold_modes=nested.modes if nested else {},
+        per_fold=per_fold, trials=len(study.trials))
 
 
 def run(cfg: EnsembleConfig) -> dict:
-    comp = load_competition_data(cfg)
-    members = [load_member(Path("runs") / cfg.name / e) for e in cfg.experiments]
-    check_compatible(members)
-    classes = list(comp.classes)
-    ref = members[0]
-    lookup = dict(zip(comp.train["id"], comp.target_index()))
-    y = ref.oof["id"].map(lookup).to_numpy()
-    folds = ref.oof["fold"].to_numpy()
-    oof = np.stack([m.oof[classes].to_numpy(np.float64) for m in members])
-    test = np.stack([m.test[classes].to_numpy(np.float64) for m in members])
-    modes = blend.MODES if cfg.mode == "tune" else (cfg.mode,)
-    names = [m.name for m in members]
-    single = {n: metrics.score(cfg.metric, y, p) for n, p in zip(names, oof)}
-    eq = blend.equal_weights(len(members))
-    equal_cv = metrics.score(cfg.metric, y, blend.blend(oof, eq, modes[0]))
-
+    data = load_inputs(cfg)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.storage:
-        storage, study_name, keep = cfg.storage, f"{cfg.name}-{cfg.experiment}", True
-    else:
-        db = run_dir / "study.db"
-        tmp_db = run_dir / ".study.db.tmp"
-        tmp_db.unlink(missing_ok=True)
-        storage, study_name, keep = f"sqlite:///{tmp_db}", "blend", False
-    weights, mode, tuned_cv, study = blend.tune(oof, y, cfg.metric, cfg.trials, cfg.seed, modes,
-                                                storage, study_name, load_if_exists=keep)
+    study = open_study(cfg, data.names, blend_modes(cfg))
+    result = evaluate(cfg, data, study)
+    print(f"ensemble: {result['decision']}", file=sys.stderr)
     if not cfg.storage:
-        shutil.move(tmp_db, db)
-    nested = None
-    choice = "tuned"
-    if cfg.nested_cv and len(members) > 1:
-        nested, _, nested_folds = blend.nested_cv(oof, y, folds, cfg.metric, cfg.trials, cfg.seed,
-                                                  modes)
-        if cfg.fallback_to_equal and not metrics.better(cfg.metric, nested, equal_cv):
-            print(f"ensemble: tuned weights do not beat equal weights under nested CV "
-                  f"({nested:.5f} vs {equal_cv:.5f}): using equal weights", file=sys.stderr)
-            weights, mode, choice = eq, modes[0], "equal"
-    cv = metrics.score(cfg.metric, y, blend.blend(oof, weights, mode))
-    result = dict(metric=cfg.metric, experiments=names, weights=dict(zip(names, weights.tolist())),
-                  mode=mode, choice=choice, cv=cv, tuned_in_sample_cv=tuned_cv,
-                  nested_cv=nested, equal_weights_cv=equal_cv, single_cv=single,
-                  best_single=max(single, key=lambda n: single[n] * (1 if metrics.HIGHER_IS_BETTER[cfg.metric] else -1)))
-    blended = pd.DataFrame(blend.blend(test, weights, mode), columns=classes)
-    blended.insert(0, "id", ref.test["id"])
+        save_study(study, run_dir / "study.db", f"{cfg.name}-{cfg.experiment}")
+    weights = np.array([result["weights"][n] for n in data.names])
+    blended = pd.DataFrame(blend.blend(data.test, weights, result["mode"]), columns=data.classes)
+    blended.insert(0, "id", data.test_ids)
     write_csv(blended, run_dir / "test.csv")
     write_json(result, run_dir / "weights.json")
-    print(f"ensemble: CV {cfg.metric} {cv:.5f} ({choice} weights "
-          f"{', '.join(f'{n}={w:.3f}' for n, w in zip(names, weights))}, mode {mode}); "
-          f"nested CV {nested}, equal {equal_cv:.5f}", file=sys.stderr)
+    plot_history(study, cfg.metric, run_dir / "history.png")
+    plot_folds(result["per_fold"], cfg.metric, run_dir / "folds.png")
+    write_text(render_report(result, cfg), run_dir / "report.md")
+    print(f"ensemble: OOF {cfg.metric} {result['cv']:.5f} with {result['choice']} weights "
+          f"{', '.join(f'{n}={w:.3f}' for n, w in result['weights'].items())}, "
+          f"mode {result['mode']}; report {run_dir / 'report.md'}", file=sys.stderr)
     return result
 
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="configs/<comp>/ensemble.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value dot-path overrides")
     args = parser.parse_args(argv)

@@ -1,18 +1,18 @@
 """Stage 3: TTA predictions of every fold model, identically on OOF rows and the test set.
 
-Writes runs/<comp>/<exp>/oof_tta.csv (each fold's model on its validation rows),
-test.csv (every fold's model on every test row, averaged over folds) and adds the TTA
-CV to scores.json. `tta.views: auto` scores each candidate view set on the OOF and keeps
-the best.
+Writes runs/<comp>/<exp>/oof_tta.csv (each fold's model on its validation rows), adds the
+TTA CV beside the plain one in scores.json, and last test.csv (every fold's model on every
+test row, averaged over folds). `tta.views: auto` scores each candidate view set on the OOF
+and keeps the best; all candidates come from the same pass over the data.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 
 import numpy as np
-import pandas as pd
 import torch
 
 from pipeline import metrics, tta
@@ -25,57 +25,103 @@ from pipeline.models import cache_size
 from pipeline.train import Setup, load_fold_model, prepare, proba_frame
 
 
-def tta_proba(model, images: np.ndarray, rows: np.ndarray, s: Setup, view_sets: list[str]) -> dict:
-    """{view_set: N x K probabilities} for the given cache rows, one pass over the data."""
-    ds = CachedImages(images, rows, None)
-    loader = make_loader(ds, s.cfg.train.eval_batch_size, False, s.cfg.train.num_workers, 0)
-    out = {v: [] for v in view_sets}
+def predict_rows(model: torch.nn.Module, images: np.ndarray, rows: np.ndarray, s: Setup,
+                 view_sets: list[str]) -> dict[str, np.ndarray]:
+    """{view set: N x K probabilities} for the given cache rows, in one pass over the data.
+
+    A loader batch holds as many images as fit `max_batch` views, so each batch's views
+    go through the model in one forward pass.
+    """
+    max_batch = s.cfg.tta.max_batch or s.cfg.train.eval_batch_size
+    batch = max(1, max_batch // len(tta.union(view_sets)))
+    loader = make_loader(CachedImages(images, rows, None), batch, False,
+                         s.cfg.train.num_workers, 0)
+    prep = functools.partial(normalize, spec=s.spec, channels_last=s.cfg.train.channels_last)
+    out: dict[str, list[torch.Tensor]] = {v: [] for v in view_sets}
     with torch.inference_mode():
         for x, _ in loader:
-            x = normalize(x, s.spec)
-            for v in view_sets:
-                out[v].append(tta.predict_views(model, x, s.cfg.image_size, v, s.cfg.tta.merge))
-    return {v: torch.cat(p).numpy().astype(np.float64) for v, p in out.items()}
+            for v, p in tta.predict_sets(model, x, s.cfg.image_size, view_sets, s.cfg.tta.merge,
+                                         prep, max_batch).items():
+                out[v].append(p)
+    result = {}
+    for v, parts in out.items():
+        proba = torch.cat(parts).numpy().astype(np.float64)
+        result[v] = proba / proba.sum(1, keepdims=True)
+    return result
+
+
+def best_view_set(metric: str, scores: dict[str, float]) -> str:
+    """The best-scoring view set; ties go to the one listed first (the cheaper, by convention)."""
+    best = next(iter(scores))
+    for v, score in scores.items():
+        if metrics.better(metric, score, scores[best]):
+            best = v
+    return best
+
+
+def read_scores(s: Setup) -> dict:
+    """The train stage's scores.json, refusing runs trained with another config or fold file."""
+    run_dir = s.cfg.run_dir
+    path = run_dir / "scores.json"
+    if not path.is_file():
+        raise UserError(f"{path}: not found; train experiment {s.cfg.experiment} first")
+    scores = json.loads(path.read_text())
+    if scores.get("tag") != s.tag:
+        raise UserError(f"{run_dir}: trained with {scores.get('tag')}, config is now {s.tag}; "
+                        f"retrain it (`make train COMP={s.cfg.name}`)")
+    for fold in range(s.cfg.folds.n_splits):
+        ckpt = run_dir / f"fold{fold}" / "best.safetensors"
+        if not ckpt.is_file():
+            raise UserError(f"{ckpt}: not found; train experiment {s.cfg.experiment} first")
+    return scores
+
+
+def predict_folds(s: Setup, view_sets: list[str]) -> tuple[dict, dict]:
+    """({view set: OOF probabilities}, {view set: test probabilities averaged over folds}).
+
+    Each fold's model predicts its own validation rows and every test row, all view sets
+    from the same forward passes.
+    """
+    cfg = s.cfg
+    side = cache_size(cfg.image_size, s.spec.crop_pct)
+    test_images = image_cache(list(s.comp.test["path"]), side, cfg.data.channels,
+                              cfg.data.cache_dir)
+    test_rows = np.arange(len(s.comp.test))
+    oof = {v: np.zeros((len(s.comp.train), len(s.comp.classes))) for v in view_sets}
+    test: dict[str, list[np.ndarray]] = {v: [] for v in view_sets}
+    for fold in range(cfg.folds.n_splits):
+        model = load_fold_model(s, cfg.run_dir / f"fold{fold}")
+        val_rows = np.flatnonzero(s.folds == fold)
+        for v, p in predict_rows(model, s.images, val_rows, s, view_sets).items():
+            oof[v][val_rows] = p
+        for v, p in predict_rows(model, test_images, test_rows, s, view_sets).items():
+            test[v].append(p)
+        print(f"{cfg.experiment}: fold {fold} predicted", file=sys.stderr)
+    return oof, {v: tta.average_folds(p) for v, p in test.items()}
 
 
 def run(cfg: ExperimentConfig) -> dict:
     s = prepare(cfg)
+    scores = read_scores(s)
     run_dir = cfg.run_dir
-    scores_path = run_dir / "scores.json"
-    if not scores_path.is_file():
-        raise UserError(f"{scores_path}: not found; train the experiment first")
-    scores = json.loads(scores_path.read_text())
-    if scores.get("tag") != s.tag:
-        raise UserError(f"{run_dir}: trained with {scores.get('tag')}, config is now {s.tag}; "
-                        f"retrain it")
-    candidates = list(cfg.tta.candidates) if cfg.tta.views == "auto" else [cfg.tta.views]
-    side = cache_size(cfg.image_size, s.spec.crop_pct)
-    test_images = image_cache(list(s.comp.test["path"]), side, cfg.data.channels, cfg.data.cache_dir)
-    n, k = len(s.comp.train), len(s.comp.classes)
-    oof = {v: np.zeros((n, k)) for v in candidates}
-    test = {v: [] for v in candidates}
-    for fold in range(cfg.folds.n_splits):
-        model = load_fold_model(s, run_dir / f"fold{fold}")
-        rows = np.flatnonzero(s.folds == fold)
-        for v, p in tta_proba(model, s.images, rows, s, candidates).items():
-            oof[v][rows] = p
-        all_rows = np.arange(len(s.comp.test))
-        for v, p in tta_proba(model, test_images, all_rows, s, candidates).items():
-            test[v].append(p)
-        print(f"{cfg.experiment}: fold {fold} predicted", file=sys.stderr)
+    candidates = list(dict.fromkeys(cfg.tta.candidates if cfg.tta.views == "auto"
+                                    else [cfg.tta.views]))
+    oof, test = predict_folds(s, candidates)
     tta_scores = {v: metrics.score(cfg.metric, s.labels, oof[v]) for v in candidates}
-    best = candidates[0]
-    for v in candidates[1:]:
-        if metrics.better(cfg.metric, tta_scores[v], tta_scores[best]):
-            best = v
+    best = best_view_set(cfg.metric, tta_scores)
+    per_fold_tta = {}
+    for fold in range(cfg.folds.n_splits):
+        rows = np.flatnonzero(s.folds == fold)
+        per_fold_tta[str(fold)] = metrics.score(cfg.metric, s.labels[rows], oof[best][rows])
     write_csv(proba_frame(s.comp.train["id"], s.folds, oof[best], s.comp.classes),
               run_dir / "oof_tta.csv")
-    test_df = proba_frame(s.comp.test["id"], -1, tta.average_folds(test[best]), s.comp.classes)
-    write_csv(test_df.drop(columns="fold"), run_dir / "test.csv")
-    scores.update(tta_views=best, cv_tta=tta_scores[best], tta_scores=tta_scores)
-    write_json(scores, scores_path)
+    scores.update(cv_tta=tta_scores[best], per_fold_tta=per_fold_tta, tta_views=best,
+                  tta_merge=cfg.tta.merge, tta_scores=tta_scores)
+    write_json(scores, run_dir / "scores.json")
+    test_df = proba_frame(s.comp.test["id"], -1, test[best], s.comp.classes)
+    write_csv(test_df.drop(columns="fold"), run_dir / "test.csv")  # last: make's target
     print(f"{cfg.experiment}: CV {cfg.metric} {scores['cv']:.5f} without TTA, "
-          f"{tta_scores[best]:.5f} with {best}", file=sys.stderr)
+          f"{tta_scores[best]:.5f} with {best} ({cfg.tta.merge})", file=sys.stderr)
     return scores
 
 

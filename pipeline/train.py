@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,14 +24,14 @@ from tqdm import tqdm
 
 from pipeline import finetune, metrics
 from pipeline.artifacts import atomic_path, file_hash, write_csv, write_json, write_text
-from pipeline.augment import eval_transform, train_transform
+from pipeline.augment import eval_transform, mixer, train_transform
 from pipeline.competition import Competition, load_competition_data
 from pipeline.config import ExperimentConfig, config_hash, load_experiment
-from pipeline.data import CachedImages, make_loader, normalize
+from pipeline.data import CachedImages, make_loader, normalize, to_memory_format
 from pipeline.errors import UserError, cli
 from pipeline.folds import folds_path, read_folds
 from pipeline.images import image_cache
-from pipeline.models import InputSpec, cache_size, create_model, input_spec
+from pipeline.models import InputSpec, cache_size, check_pretrained, create_model, input_spec
 
 
 def seed_everything(seed: int) -> None:
@@ -88,123 +89,166 @@ def eval_loader(s: Setup, rows: np.ndarray) -> torch.utils.data.DataLoader:
     return make_loader(ds, s.cfg.train.eval_batch_size, False, s.cfg.train.num_workers, 0)
 
 
-def _save_last(path: Path, state: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
 def _save_weights(path: Path, model: torch.nn.Module) -> None:
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
 
 
-def train_fold(s: Setup, fold: int, fold_dir: Path) -> None:
-    """Train one fold, resuming from `last.pt` when present; leaves best.safetensors and log.csv."""
+def _save_last(path: Path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def epoch_seed(seed: int, fold: int, epoch: int) -> int:
+    """One seed per (experiment seed, fold, epoch): shuffling, augmentation, dropout, mixing."""
+    return seed * 1_000_003 + fold * 10_007 + epoch
+
+
+def steps_per_epoch(n_train: int, batch_size: int) -> int:
+    """Full batches only (a last batch of one would upset BatchNorm), unless data < one batch."""
+    return max(1, n_train // batch_size)
+
+
+def init_model(s: Setup, fold: int) -> torch.nn.Module:
+    """The fold's starting model: seeded, so a head or a random init is the same every run."""
+    seed_everything(s.cfg.seed + fold)
+    return to_memory_format(create_model(s.cfg.model, len(s.comp.classes), s.cfg.data.channels),
+                            s.cfg.train.channels_last)
+
+
+def make_mixer(cfg: ExperimentConfig, n_classes: int) -> Mixup | None:
+    return mixer(cfg.augment, n_classes, cfg.train.label_smoothing, cfg.train.batch_size)
+
+
+def train_epoch(s: Setup, model, loader, optimizer, lr_factors: list[float], first_trainable: int,
+                ema, mix, state: dict, desc: str) -> tuple[float, dict[str, float]]:
+    """One pass over `loader`, batch i at schedule factor `lr_factors[i]` (frozen groups at 0).
+
+    Returns the mean training loss and each group's learning rate at the epoch's first step.
+    """
+    tc = s.cfg.train
+    losses, first_lrs = [], {}
+    for i, (x, y) in enumerate(tqdm(loader, desc=desc, file=sys.stderr, leave=False,
+                                    mininterval=1.0)):
+        finetune.set_lrs(optimizer, lr_factors[i], first_trainable)
+        first_lrs = first_lrs or finetune.group_lr_row(optimizer)
+        x = normalize(x, s.spec, tc.channels_last)
+        if mix is not None:
+            x, y_soft = mix(x, y)
+            loss = SoftTargetCrossEntropy()(model(x), y_soft)
+        else:
+            loss = F.cross_entropy(model(x), y, label_smoothing=tc.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                           tc.grad_clip)
+        optimizer.step()
+        if ema is not None:
+            ema.update(model, step=state["step"])
+        state["step"] += 1
+        losses.append(loss.item())
+    return float(np.mean(losses)), first_lrs
+
+
+def resume(last: Path, tag: str, model, optimizer, ema, fresh: dict) -> dict:
+    """Load model, optimizer and EMA from `last` when written with `tag`; returns the loop state."""
+    if not last.is_file():
+        return fresh
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    if ckpt["tag"] != tag:
+        return fresh
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ema is not None:
+        ema.load_state_dict(ckpt["ema"])
+    return ckpt["state"]
+
+
+def train_fold(s: Setup, fold: int, fold_dir: Path, stop_after_epochs: int | None = None) -> None:
+    """Train one fold through its stages; leaves best.safetensors, last.pt and log.csv.
+
+    Resumes from `last.pt` (model, optimizer, EMA, stage and epoch) when it was written with
+    the same tag. `stop_after_epochs` ends this call after that many epochs, exactly as an
+    interruption after an epoch would. Early stopping (`train.patience`) ends the current
+    stage; the next stage still runs.
+    """
     cfg, tc = s.cfg, s.cfg.train
     train_rows = np.flatnonzero(s.folds != fold)
     val_rows = np.flatnonzero(s.folds == fold)
-    seed_everything(cfg.seed + fold)
-    model = create_model(cfg.model, len(s.comp.classes), cfg.data.channels)
+    model = init_model(s, fold)
     groups = finetune.layer_groups(model)
-    plan = finetune.stage_plan(cfg.finetune, tc.epochs, len(train_rows), len(groups))
+    plan = finetune.stage_plan(cfg, len(train_rows), len(groups))
     lrs = finetune.group_lrs(tc.lr, len(groups), cfg.finetune.lr_decay, cfg.finetune.layer_decay)
     optimizer = torch.optim.AdamW(finetune.param_groups(model, groups, lrs, tc.weight_decay))
     ema = ModelEmaV3(model, decay=tc.ema_decay) if tc.ema_decay else None
-    mix = (Mixup(mixup_alpha=cfg.augment.mixup_alpha, cutmix_alpha=cfg.augment.cutmix_alpha,
-                 prob=cfg.augment.mix_prob, switch_prob=cfg.augment.switch_prob,
-                 label_smoothing=tc.label_smoothing, num_classes=len(s.comp.classes))
-           if cfg.augment.mixup_alpha > 0 or cfg.augment.cutmix_alpha > 0 else None)
-    soft_loss = SoftTargetCrossEntropy()
-
+    mix = make_mixer(cfg, len(s.comp.classes))
     train_ds = CachedImages(s.images, train_rows, s.labels[train_rows],
                             train_transform(cfg.augment, cfg.image_size, cfg.seed), cfg.seed + fold)
     val_loader = eval_loader(s, val_rows)
     y_val = s.labels[val_rows]
-    state = dict(stage=0, epoch=0, best=metrics.worst(cfg.metric), bad_epochs=0, step=0)
-    last = fold_dir / "last.pt"
-    if last.is_file():
-        ckpt = torch.load(last, map_location="cpu", weights_only=True)
-        if ckpt["tag"] == s.tag:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if ema is not None:
-                ema.load_state_dict(ckpt["ema"])
-            state = ckpt["state"]
-            print(f"fold {fold}: resuming at stage {state['stage']} epoch {state['epoch']}",
-                  file=sys.stderr)
-    log_path = fold_dir / "log.csv"
-    log = pd.read_csv(log_path).to_dict("records") if log_path.is_file() and state["step"] else []
+    n_steps = steps_per_epoch(len(train_rows), tc.batch_size)
 
-    global_epoch = sum(st.epochs for st in plan[: state["stage"]]) + state["epoch"]
-    for si in range(state["stage"], len(plan)):
-        stage = plan[si]
+    last, log_path = fold_dir / "last.pt", fold_dir / "log.csv"
+    state = resume(last, s.tag, model, optimizer, ema,
+                   dict(stage=0, epoch=0, best=metrics.worst(cfg.metric), bad_epochs=0, step=0))
+    if state["step"]:
+        print(f"fold {fold}: resuming at stage {state['stage']} epoch {state['epoch']}",
+              file=sys.stderr)
+    log = pd.read_csv(log_path).to_dict("records") if state["step"] and log_path.is_file() else []
+
+    done_epochs = 0
+    while state["stage"] < len(plan):
+        si, stage = state["stage"], plan[state["stage"]]
+        first_trainable = len(groups) - stage.trainable
+        if stop_after_epochs is not None and done_epochs >= stop_after_epochs:
+            return
         frozen = finetune.apply_freeze(model, groups, stage.trainable)
-        steps_per_epoch = max(1, len(train_rows) // tc.batch_size)
-        total = stage.epochs * steps_per_epoch
-        warmup = int(cfg.finetune.warmup_epochs * steps_per_epoch)
-        for epoch in range(state["epoch"], stage.epochs):
-            if tc.patience and state["bad_epochs"] >= tc.patience:
-                break
-            seed_everything(cfg.seed * 1000 + fold * 100 + global_epoch)
-            train_ds.set_epoch(global_epoch)
-            loader = make_loader(train_ds, tc.batch_size, True, tc.num_workers,
-                                 cfg.seed * 1000 + fold * 100 + global_epoch, drop_last=True)
-            model.train()
-            if cfg.finetune.bn == "frozen":
-                finetune.freeze_batchnorm(model, frozen)
-            bar = tqdm(loader, desc=f"fold {fold} stage {si} epoch {epoch + 1}/{stage.epochs}",
-                       file=sys.stderr, leave=True, mininterval=0.5)
-            losses = []
-            for i, (x, y) in enumerate(bar):
-                step = epoch * steps_per_epoch + i
-                for g in optimizer.param_groups:
-                    g["lr"] = g["base_lr"] * finetune.schedule_factor(step, total, warmup,
-                                                                      cfg.finetune.schedule)
-                x = normalize(x, s.spec)
-                if mix is not None:
-                    x, y_soft = mix(x, y)
-                    loss = soft_loss(model(x), y_soft)
-                else:
-                    loss = F.cross_entropy(model(x), y, label_smoothing=tc.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if tc.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(
-                        [p for p in model.parameters() if p.requires_grad], tc.grad_clip)
-                optimizer.step()
-                if ema is not None:
-                    ema.update(model, step=state["step"])
-                state["step"] += 1
-                losses.append(loss.item())
-                bar.set_postfix(loss=f"{np.mean(losses):.4f}")
-            eval_model = ema.module if ema is not None else model
-            proba = predict_proba(eval_model, val_loader, s.spec)
-            val_score = metrics.score(cfg.metric, y_val, proba)
-            val_loss = metrics.score("log_loss", y_val, proba)
-            bar.set_postfix(loss=f"{np.mean(losses):.4f}", **{cfg.metric: f"{val_score:.4f}"})
-            bar.close()
-            log.append(dict(stage=si, epoch=epoch, train_loss=float(np.mean(losses)),
-                            val_loss=val_loss, val_metric=val_score,
-                            **{f"lr_group{g}": lr for g, lr in enumerate(lrs)}))
-            if metrics.better(cfg.metric, val_score, state["best"]):
-                state.update(best=val_score, bad_epochs=0)
-                _save_weights(fold_dir / "best.safetensors", eval_model)
-            else:
-                state["bad_epochs"] += 1
-            state["epoch"] = epoch + 1
-            global_epoch += 1
-            write_csv(pd.DataFrame(log), log_path)
-            _save_last(last, dict(tag=s.tag, model=model.state_dict(),
-                                  optimizer=optimizer.state_dict(), state=dict(state),
-                                  ema=ema.state_dict() if ema is not None else {}))
-        state.update(stage=si + 1, epoch=0, bad_epochs=0)
+        total, warmup = stage.epochs * n_steps, int(cfg.finetune.warmup_epochs * n_steps)
+        epoch = state["epoch"]
+        global_epoch = sum(st.epochs for st in plan[:si]) + epoch
+        started = time.perf_counter()
+        seed = epoch_seed(cfg.seed, fold, global_epoch)
+        seed_everything(seed)
+        train_ds.set_epoch(global_epoch)
+        loader = make_loader(train_ds, tc.batch_size, True, tc.num_workers, seed,
+                             drop_last=len(train_rows) >= tc.batch_size)
+        model.train()
+        if cfg.finetune.bn == "frozen":
+            finetune.freeze_batchnorm(model, frozen)
+        desc = f"fold {fold} stage {si} epoch {epoch + 1}/{stage.epochs}"
+        factors = [finetune.schedule_factor(epoch * n_steps + i, total, warmup,
+                                            cfg.finetune.schedule) for i in range(n_steps)]
+        loss, epoch_lrs = train_epoch(s, model, loader, optimizer, factors, first_trainable,
+                                      ema, mix, state, desc)
+        eval_model = ema.module if ema is not None else model
+        proba = predict_proba(eval_model, val_loader, s.spec)
+        val_score = metrics.score(cfg.metric, y_val, proba)
+        log.append(dict(epoch=global_epoch, stage=si, stage_epoch=epoch,
+                        trainable_groups=stage.trainable, train_loss=loss,
+                        val_loss=metrics.score("log_loss", y_val, proba), val_metric=val_score,
+                        **epoch_lrs, seconds=round(time.perf_counter() - started, 2)))
+        print(f"{desc}: train loss {loss:.4f}, val {cfg.metric} {val_score:.4f}", file=sys.stderr)
+        if metrics.better(cfg.metric, val_score, state["best"]):
+            state.update(best=val_score, bad_epochs=0)
+            _save_weights(fold_dir / "best.safetensors", eval_model)
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch + 1
+        if state["epoch"] >= stage.epochs or (tc.patience and state["bad_epochs"] >= tc.patience):
+            state.update(stage=si + 1, epoch=0, bad_epochs=0)
+        write_csv(pd.DataFrame(log), log_path)
+        _save_last(last, dict(tag=s.tag, model=model.state_dict(), state=dict(state),
+                              optimizer=optimizer.state_dict(),
+                              ema=ema.state_dict() if ema is not None else {}))
+        done_epochs += 1
 
 
 def load_fold_model(s: Setup, fold_dir: Path) -> torch.nn.Module:
     model = create_model(s.cfg.model.model_copy(update={"pretrained": False}),
                          len(s.comp.classes), s.cfg.data.channels)
     model.load_state_dict(load_file(str(fold_dir / "best.safetensors")))
-    return model.eval()
+    return to_memory_format(model, s.cfg.train.channels_last).eval()
 
 
 def proba_frame(ids, fold, proba: np.ndarray, classes) -> pd.DataFrame:
@@ -231,11 +275,12 @@ def reset_if_stale(run_dir: Path, tag: str) -> None:
 
 
 def run(cfg: ExperimentConfig) -> dict:
+    finetune.check_finetune(cfg)
+    check_pretrained(cfg.model)
     s = prepare(cfg)
     run_dir = cfg.run_dir
     reset_if_stale(run_dir, s.tag)
     write_text(cfg.model_dump_json(indent=2) + "\n", run_dir / "config.json")
-    torch.set_num_threads(torch.get_num_threads())
     frames, per_fold = [], {}
     for fold in range(cfg.folds.n_splits):
         fold_dir = run_dir / f"fold{fold}"

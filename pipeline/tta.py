@@ -1,66 +1,89 @@
-"""Test-time augmentation: views of a batch, batched through the model, merged per image."""
+"""Test-time augmentation: named views of a batch, one forward pass for all of them, merged per image.
+
+Views are cut from the cached image (resized to `size / crop_pct`), so every crop has the
+training size; the centre view is exactly the train stage's evaluation crop.
+"""
 from __future__ import annotations
+
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-VIEW_SETS = ("none", "hflip", "five_crop", "ten_crop", "dihedral8")
+
+class View(NamedTuple):
+    """A crop of the cached image, optionally mirrored, then turned by `rot90` quarter turns."""
+
+    crop: str  # centre, top_left, top_right, bottom_left, bottom_right
+    hflip: bool = False
+    rot90: int = 0  # counter-clockwise quarter turns, applied after the flip
 
 
-def _crop(x: torch.Tensor, top: int, left: int, size: int) -> torch.Tensor:
-    return x[..., top:top + size, left:left + size]
+CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")
+_FIVE = tuple(View(c) for c in CORNERS + ("centre",))
+VIEW_SETS: dict[str, tuple[View, ...]] = {
+    "none": (View("centre"),),
+    "hflip": (View("centre"), View("centre", True)),
+    "five_crop": _FIVE,
+    "ten_crop": _FIVE + tuple(v._replace(hflip=True) for v in _FIVE),
+    "dihedral8": tuple(View("centre", f, k) for f in (False, True) for k in range(4)),
+}
 
 
-def centre(x: torch.Tensor, size: int) -> torch.Tensor:
-    h, w = x.shape[-2:]
-    return _crop(x, (h - size) // 2, (w - size) // 2, size)
+def crop_offset(crop: str, height: int, width: int, size: int) -> tuple[int, int]:
+    """(top, left) of a `size` crop; the centre rounds down like albumentations' CenterCrop."""
+    if crop == "centre":
+        return (height - size) // 2, (width - size) // 2
+    vertical, horizontal = crop.split("_")
+    return (0 if vertical == "top" else height - size), (0 if horizontal == "left" else width - size)
 
 
-def five_crops(x: torch.Tensor, size: int) -> list[torch.Tensor]:
-    """Top-left, top-right, bottom-left, bottom-right, centre."""
-    h, w = x.shape[-2:]
-    return [_crop(x, 0, 0, size), _crop(x, 0, w - size, size), _crop(x, h - size, 0, size),
-            _crop(x, h - size, w - size, size), centre(x, size)]
+def apply_view(x: torch.Tensor, size: int, view: View) -> torch.Tensor:
+    """One view of N x C x H x W images -> N x C x size x size."""
+    top, left = crop_offset(view.crop, x.shape[-2], x.shape[-1], size)
+    out = x[..., top:top + size, left:left + size]
+    if view.hflip:
+        out = out.flip(-1)
+    return torch.rot90(out, view.rot90, dims=(-2, -1)) if view.rot90 else out
 
 
 def views(x: torch.Tensor, size: int, view_set: str) -> list[torch.Tensor]:
-    """Views of NxCxHxW images (already resized to size / crop_pct), each NxCx size x size."""
-    c = centre(x, size)
-    if view_set == "none":
-        return [c]
-    if view_set == "hflip":
-        return [c, c.flip(-1)]
-    if view_set == "five_crop":
-        return five_crops(x, size)
-    if view_set == "ten_crop":
-        crops = five_crops(x, size)
-        return crops + [v.flip(-1) for v in crops]
-    if view_set == "dihedral8":
-        out = []
-        for flipped in (c, c.flip(-1)):
-            out += [torch.rot90(flipped, k, dims=(-2, -1)) for k in range(4)]
-        return out
-    raise ValueError(f"unknown view set {view_set!r}")
+    """The views of `view_set`, in its listed order."""
+    return [apply_view(x, size, v) for v in VIEW_SETS[view_set]]
+
+
+def union(view_sets: list[str]) -> tuple[View, ...]:
+    """Every distinct view the sets need, in first-use order (auto's five sets share 16 of 26)."""
+    return tuple(dict.fromkeys(v for name in view_sets for v in VIEW_SETS[name]))
 
 
 def merge(proba: torch.Tensor, how: str) -> torch.Tensor:
     """V x N x K view probabilities -> N x K: mean, or geometric mean renormalised."""
     if how == "mean":
         return proba.mean(0)
-    logp = torch.log(proba.clamp_min(1e-12)).mean(0)
-    return F.softmax(logp, dim=1)
+    if how == "geometric":
+        return F.softmax(torch.log(proba.clamp_min(1e-12)).mean(0), dim=1)
+    raise ValueError(f"unknown merge {how!r}")
 
 
-def predict_views(model, x: torch.Tensor, size: int, view_set: str, how: str,
-                  max_batch: int = 1024) -> torch.Tensor:
-    """All views of a batch in one forward pass (chunked to `max_batch` images); N x K."""
-    vs = views(x, size, view_set)
-    stacked = torch.cat(vs)
-    logits = torch.cat([model(chunk) for chunk in stacked.split(max_batch)])
-    proba = F.softmax(logits.float(), dim=1).view(len(vs), x.shape[0], -1)
-    return merge(proba, how)
+def predict_sets(model: torch.nn.Module, x: torch.Tensor, size: int, view_sets: list[str],
+                 how: str, prep: Callable[[torch.Tensor], torch.Tensor],
+                 max_batch: int) -> dict[str, torch.Tensor]:
+    """{view set: N x K probabilities} for a batch of cached images.
+
+    All distinct views of the batch are stacked and go through the model together, in
+    forward passes of at most `max_batch` images; `prep` turns a stacked chunk into model
+    input (uint8 -> normalised float).
+    """
+    needed = union(view_sets)
+    stacked = torch.cat([apply_view(x, size, v) for v in needed])
+    logits = torch.cat([model(prep(chunk)) for chunk in stacked.split(max_batch)])
+    proba = F.softmax(logits.float(), dim=1).view(len(needed), x.shape[0], -1)
+    index = {v: i for i, v in enumerate(needed)}
+    return {name: merge(proba[[index[v] for v in VIEW_SETS[name]]], how) for name in view_sets}
 
 
 def average_folds(per_fold: list[np.ndarray]) -> np.ndarray:
+    """Mean over folds of N x K test probabilities."""
     return np.mean(np.stack(per_fold), axis=0)

@@ -1,0 +1,249 @@
+"""Data-path throughput: does loading and augmentation starve the model?
+
+Per demo experiment (configs/digits/*.yaml; models built untrained, every layer trainable):
+- real: the train stage's epoch, `train.train_epoch` over fold 0's loader exactly as
+  `train_fold` builds it (memory-mapped cache, the experiment's augmentation, batch size,
+  workers, mixup), normalisation and the model's optimizer step;
+- synthetic: the same `train.train_epoch` and model over in-memory random uint8 batches of the
+  same shape (so only the loader and augmentation differ).
+After a warm-up, each repetition runs real and synthetic back to back, alternating which goes
+first, so load from other processes hits both alike. Reported: median images/s of each, the
+median of the per-repetition ratios (target >= 0.90), and the cache's effect: a cold first
+epoch (decode + resize every image into a fresh cache, then train) against a warm epoch.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import math
+import os
+import statistics
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import demo, finetune, folds, train
+from pipeline.augment import train_transform
+from pipeline.config import ExperimentConfig, load_experiment
+from pipeline.data import CachedImages, make_loader, normalize
+from pipeline.folds import folds_path
+
+CONFIGS = Path("configs/digits")
+TARGET = 0.90
+MAX_REPS, MIN_REPS = 9, 3  # interleaved repetitions, as many as fit BUDGET_S per experiment
+MIN_SECONDS, BUDGET_S = 1.0, 60.0  # each measurement runs whole epochs for >= MIN_SECONDS
+FOLD = 0
+
+
+class Arm:
+    """One side of the comparison: a callable running one epoch, and its batch count."""
+
+    def __init__(self, s: train.Setup, model, optimizer, mixer, batches):
+        self.s, self.model, self.optimizer, self.mixer = s, model, optimizer, mixer
+        self.batches = batches  # () -> iterable of (uint8 x, y)
+        self.state = dict(step=0)
+
+    def epoch(self) -> int:
+        """Run one epoch; returns the number of images it trained on."""
+        loader = self.batches()
+        with contextlib.redirect_stderr(io.StringIO()):  # the progress bar, alike in both arms
+            train.train_epoch(self.s, self.model, loader, self.optimizer, [1.0] * len(loader), 0,
+                              None, self.mixer, self.state, "bench")
+        return len(loader) * self.s.cfg.train.batch_size
+
+    def rate(self, epochs: int) -> float:
+        start, images = time.perf_counter(), 0
+        for _ in range(epochs):
+            images += self.epoch()
+        return images / (time.perf_counter() - start)
+
+
+def real_loader(s: train.Setup, rows: np.ndarray):
+    """Fold 0's training loader, built as `train_fold` builds it, one new epoch per call."""
+    cfg, tc = s.cfg, s.cfg.train
+    ds = CachedImages(s.images, rows, s.labels[rows],
+                      train_transform(cfg.augment, cfg.image_size, cfg.seed), cfg.seed + FOLD)
+    epoch = iter(range(10**9))
+
+    def batches():
+        e = next(epoch)
+        ds.set_epoch(e)
+        return make_loader(ds, tc.batch_size, True, tc.num_workers, train.epoch_seed(cfg.seed, FOLD, e),
+                           drop_last=len(rows) >= tc.batch_size)
+    return batches
+
+
+def synthetic_loader(cfg: ExperimentConfig, n_batches: int):
+    gen = torch.Generator().manual_seed(0)
+    shape = (cfg.train.batch_size, cfg.data.channels, cfg.image_size, cfg.image_size)
+    pool = [(torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen),
+             torch.randint(0, 10, shape[:1], generator=gen)) for _ in range(4)]
+    data = [pool[i % len(pool)] for i in range(n_batches)]
+    return lambda: data
+
+
+def setup(cfg: ExperimentConfig) -> tuple[train.Setup, float]:
+    start = time.perf_counter()
+    s = train.prepare(cfg)
+    return s, time.perf_counter() - start
+
+
+def with_layout(s: train.Setup, channels_last: bool) -> train.Setup:
+    layout = s.cfg.train.model_copy(update={"channels_last": channels_last})
+    cfg = s.cfg.model_copy(update={"train": layout})
+    return dataclasses.replace(s, cfg=cfg)
+
+
+def channels_last_speedup(s: train.Setup, mixer, n_batches: int, epochs: int, reps: int) -> float:
+    """Synthetic-step images/s in NHWC over NCHW layout (median of interleaved repetitions)."""
+    arms = []
+    for channels_last in (False, True):
+        s_layout = with_layout(s, channels_last)
+        model, optimizer = model_and_optimizer(s_layout)
+        arms.append(Arm(s_layout, model, optimizer, mixer, synthetic_loader(s.cfg, n_batches)))
+        arms[-1].rate(1)  # warm-up
+    ratios = []
+    for rep in range(reps):
+        order = arms if rep % 2 == 0 else arms[::-1]
+        rates = {id(arm): arm.rate(epochs) for arm in order}
+        ratios.append(rates[id(arms[1])] / rates[id(arms[0])])
+    return statistics.median(ratios)
+
+
+def model_and_optimizer(s: train.Setup):
+    """The fold's model and AdamW over its layer groups, as `train_fold` builds them."""
+    cfg, tc = s.cfg, s.cfg.train
+    model = train.init_model(s, FOLD).train()
+    groups = finetune.layer_groups(model)
+    lrs = finetune.group_lrs(tc.lr, len(groups), cfg.finetune.lr_decay, cfg.finetune.layer_decay)
+    return model, torch.optim.AdamW(finetune.param_groups(model, groups, lrs, tc.weight_decay))
+
+
+def cold_and_warm(path: Path, rows: np.ndarray) -> dict:
+    """First epoch on a fresh cache (decode + resize all images, then train) vs opening it again."""
+    with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp:
+        cfg = load_experiment(path, ["model.pretrained=false", f"data.cache_dir={tmp}"])
+        s, build = setup(cfg)
+        model, optimizer = model_and_optimizer(s)
+        arm = Arm(s, model, optimizer, train.make_mixer(cfg, len(s.comp.classes)), real_loader(s, rows))
+        start = time.perf_counter()
+        arm.epoch()
+        first = build + time.perf_counter() - start
+        _, reopen = setup(cfg)
+    return dict(cache_build_s=build, first_epoch_s=first, cache_open_s=reopen)
+
+
+def bench_experiment(path: Path) -> dict:
+    cfg = load_experiment(path, ["model.pretrained=false"])
+    s, _ = setup(cfg)
+    rows = np.flatnonzero(s.folds != FOLD)
+    model, optimizer = model_and_optimizer(s)
+    mixer = train.make_mixer(cfg, len(s.comp.classes))
+    real = Arm(s, model, optimizer, mixer, real_loader(s, rows))
+    n_batches = len(real.batches())
+    synthetic = Arm(s, model, optimizer, mixer, synthetic_loader(cfg, n_batches))
+    cache = cold_and_warm(path, rows)
+
+    images = n_batches * cfg.train.batch_size
+    epoch_s = images / min(real.rate(1), synthetic.rate(1))  # also the warm-up
+    epochs = max(1, math.ceil(MIN_SECONDS / epoch_s))
+    reps = max(MIN_REPS, min(MAX_REPS, int(BUDGET_S / (2 * epochs * epoch_s))))
+    real_rates, synth_rates = [], []
+    for rep in range(reps):
+        arms = [(real, real_rates), (synthetic, synth_rates)]
+        for arm, rates in arms if rep % 2 == 0 else arms[::-1]:
+            rates.append(arm.rate(epochs))
+    ratios = [r / q for r, q in zip(real_rates, synth_rates)]
+    later = images / statistics.median(real_rates)
+    nhwc = channels_last_speedup(s, mixer, min(n_batches, 6), epochs, MIN_REPS)
+    return dict(experiment=cfg.experiment, model=cfg.model.backbone, size=cfg.image_size,
+                side=s.images.shape[1], preset="custom" if cfg.augment.custom else cfg.augment.preset,
+                workers=cfg.train.num_workers, batch=cfg.train.batch_size, epochs=epochs, reps=reps,
+                real=statistics.median(real_rates), synthetic=statistics.median(synth_rates),
+                ratio=statistics.median(ratios), later_epoch_s=later,
+                normalize_us=normalize_cost(synthetic.batches()[0][0], s.spec),
+                channels_last=cfg.train.channels_last, nhwc_speedup=nhwc, **cache)
+
+
+def normalize_cost(x: torch.Tensor, spec) -> float:
+    """Microseconds to normalise one batch (part of both arms)."""
+    start = time.perf_counter()
+    for _ in range(50):
+        normalize(x, spec)
+    return (time.perf_counter() - start) / 50 * 1e6
+
+
+def experiment_configs() -> list[Path]:
+    return [p for p in sorted(CONFIGS.glob("*.yaml")) if p.stem not in ("competition", "ensemble")]
+
+
+def ensure_demo_inputs() -> None:
+    demo.build()
+    if not folds_path("digits").is_file():
+        folds.main([str(CONFIGS / "competition.yaml")])
+
+
+def machine() -> str:
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    return (f"{os.cpu_count()} cores, load average {load}, torch {torch.get_num_threads()} threads, "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+
+
+COLUMNS = (  # title, width, cell
+    ("experiment", -12, lambda r: r["experiment"]),
+    ("model", -21, lambda r: r["model"]),
+    ("px", 7, lambda r: f"{r['side']}>{r['size']}"),
+    ("preset", -6, lambda r: r["preset"]),
+    ("wk", 2, lambda r: r["workers"]),
+    ("n", 2, lambda r: r["reps"]),
+    ("real/s", 7, lambda r: f"{r['real']:.0f}"),
+    ("random/s", 8, lambda r: f"{r['synthetic']:.0f}"),
+    ("ratio", 5, lambda r: f"{r['ratio']:.3f}"),
+    ("cache build", 11, lambda r: f"{r['cache_build_s']:.2f}s"),
+    ("1st epoch", 9, lambda r: f"{r['first_epoch_s']:.2f}s"),
+    ("later", 6, lambda r: f"{r['later_epoch_s']:.2f}s"),
+    ("reopen", 6, lambda r: f"{r['cache_open_s']:.2f}s"),
+    ("norm", 6, lambda r: f"{r['normalize_us']:.0f}us"),
+    ("NHWC", 6, lambda r: f"{r['nhwc_speedup']:.2f}x" + ("*" if r["channels_last"] else "")),
+    ("", -12, lambda r: "ok" if r["ratio"] >= TARGET else "BELOW TARGET"),
+)
+LEGEND = ("px = cached side > training size; wk = DataLoader workers (0: a background thread); "
+          "n = repetitions; 1st epoch = building a fresh cache + the first epoch; later = a warm "
+          "epoch; reopen = preparing with the cache built; norm = normalising one batch (both "
+          "arms); NHWC = the random-batch step's speed in channels_last over NCHW (* = the config "
+          "sets train.channels_last)")
+
+
+def line(cells) -> str:
+    """One table row: negative widths align left."""
+    padded = (f"{c!s:{'<' if w < 0 else '>'}{abs(w)}}" for c, (_, w, _) in zip(cells, COLUMNS))
+    return ("  " + " ".join(padded)).rstrip()
+
+
+def main() -> list[dict]:
+    ensure_demo_inputs()
+    print(f"Data path: train-stage images/s vs the same step on in-memory random batches "
+          f"(medians of {MIN_REPS}-{MAX_REPS} interleaved repetitions), target ratio >= {TARGET:.2f}")
+    print(f"  machine: {machine()}")
+    print(line(title for title, _, _ in COLUMNS))
+    results = []
+    for path in experiment_configs():
+        results.append(bench_experiment(path))
+        print(line(cell(results[-1]) for _, _, cell in COLUMNS), flush=True)
+    print(textwrap.fill(LEGEND, 100, initial_indent="  ", subsequent_indent="  "))
+    faster = [f"{r['experiment']} (x{r['nhwc_speedup']:.2f})" for r in results
+              if r["nhwc_speedup"] > 1.1 and not r["channels_last"]]
+    if faster:
+        print(f"  channels_last measured faster for {', '.join(faster)}: "
+              f"set train.channels_last: true")
+    print(f"  machine after: {machine()}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

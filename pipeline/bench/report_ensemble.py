@@ -1,0 +1,75 @@
+"""`make reports` section: the ensemble stage on the digits demo -> reports/ensemble.md.
+
+Blends every experiment of configs/digits/ (what `make predict COMP=digits` trains and
+predicts; run that first) with the settings of configs/digits/ensemble.yaml, once per blend
+mode, each into its own run folder runs/digits/report-ensemble-<mode>/ (with its report.md
+and plots), leaving the stage's own runs/digits/ensemble/ alone.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from pipeline import blend, ensemble
+from pipeline.artifacts import write_text
+from pipeline.config import load_ensemble
+from pipeline.errors import cli
+
+CONFIG = Path("configs/digits/ensemble.yaml")
+REPORT = Path("reports/ensemble.md")
+
+
+def demo_experiments(folder: Path) -> list[str]:
+    """The experiment configs the Makefile trains: every YAML but competition and ensemble."""
+    return sorted(p.stem for p in folder.glob("*.yaml") if p.stem not in ("competition", "ensemble"))
+
+
+def fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def render(results: dict, configured: str) -> str:
+    """The configured mode's score table and weights, then one row per blend mode."""
+    main = results[configured]
+    names = main["experiments"]
+    weights = ["| experiment | single CV | tuned weight | weight used |", "| --- | --- | --- | --- |"]
+    weights += [f"| {n} | {main['single_cv'][n]:.4f} | {main['tuned_weights'][n]:.3f} | "
+                f"{main['weights'][n]:.3f} |" for n in names]
+    modes = ["| mode | in-sample tuned | nested-CV tuned | equal weights | used | weights used |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for mode, r in results.items():
+        used = ", ".join(f"{n} {r['weights'][n]:.2f}" for n in names)
+        modes.append(f"| {mode} | {fmt(r['tuned_in_sample_cv'])} | {fmt(r['nested_cv'])} | "
+                     f"{fmt(r['equal_weights_cv'])} | {r['choice']} ({r['mode']}) | {used} |")
+    cfg = load_ensemble(CONFIG)
+    return "\n".join([
+        "# Ensembling on the digits demo", "",
+        "Written by `make reports` (`pipeline/bench/report_ensemble.py`) after "
+        "`make predict COMP=digits`: the ensemble stage on the OOF (with TTA) of "
+        f"{', '.join(names)}, {cfg.metric}, {cfg.trials} seeded TPE trials per study, "
+        f"{cfg.folds.n_splits}-fold nested CV, seed {cfg.seed}.", "",
+        f"## The configured blend (mode `{configured}`)", "",
+        ensemble.score_table(main), "",
+        f"Used: {main['choice']} weights, OOF {main['metric']} {main['cv']:.4f}. "
+        f"{main['decision']}", "",
+        *weights, "",
+        "## Blend modes", "",
+        "Nested CV is the honest column: weights tuned without the fold they are scored on.", "",
+        *modes, ""])
+
+
+@cli
+def main() -> None:
+    experiments = demo_experiments(CONFIG.parent)
+    configured = load_ensemble(CONFIG).mode
+    results = {}
+    for mode in dict.fromkeys([configured, *blend.MODES, "tune"]):
+        overrides = [f"experiments=[{', '.join(experiments)}]", f"mode={mode}",
+                     f"experiment=report-ensemble-{mode}"]
+        results[mode] = ensemble.run(load_ensemble(CONFIG, overrides))
+    write_text(render(results, configured), REPORT)
+    print(f"report_ensemble: wrote {REPORT}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

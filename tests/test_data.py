@@ -1,0 +1,136 @@
+"""Loaders over the cache: batching, seeded reproducibility with workers, normalisation, 1 channel."""
+from __future__ import annotations
+
+import json
+import threading
+
+import albumentations as A
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_yaml
+from pipeline import folds, predict, train
+from pipeline.augment import train_transform
+from pipeline.config import AugmentConfig, load_experiment
+from pipeline.data import CachedImages, channel_stats, make_loader, normalize
+from pipeline.models import InputSpec
+
+SPEC = InputSpec((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 1.0)
+
+
+def _images(n=20, side=14, channels=3, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, side, side, channels), dtype=np.uint8)
+
+
+def _epoch(ds: CachedImages, epoch: int, workers: int = 0, seed: int = 5, batch: int = 6,
+           drop_last: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    ds.set_epoch(epoch)
+    return list(make_loader(ds, batch, True, workers, seed, drop_last=drop_last))
+
+
+def test_batches_cover_each_row_once_with_matching_labels():
+    images = _images()
+    rows = np.arange(3, 20)
+    ds = CachedImages(images, rows, rows * 10)
+    batches = _epoch(ds, 0)
+    assert [len(y) for _, y in batches] == [6, 6, 5]
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    assert sorted(y.tolist()) == sorted((rows * 10).tolist()) and y.tolist() != (rows * 10).tolist()
+    for xi, yi in zip(x, y):  # each image is the cache row its label names
+        np.testing.assert_array_equal(xi.numpy().transpose(1, 2, 0), images[yi.item() // 10])
+    assert [len(y) for _, y in _epoch(ds, 0, drop_last=True)] == [6, 6]
+    unshuffled = list(make_loader(ds, 6, False, 0, 0))
+    assert torch.cat([y for _, y in unshuffled]).tolist() == (rows * 10).tolist()
+
+
+def _augmented(compose, workers: int, epoch: int = 0, seed: int = 1):
+    ds = CachedImages(_images(), np.arange(20), np.arange(20), compose, seed=seed)
+    return torch.cat([x for x, _ in _epoch(ds, epoch, workers)])
+
+
+@pytest.mark.parametrize("compose", [
+    train_transform(AugmentConfig(preset="heavy"), 12, seed=0),  # batched path
+    A.Compose([A.ToGray(p=0.5), A.RandomResizedCrop((12, 12)), A.RGBShift(p=0.5)]),  # per image
+], ids=["batched", "per-image"])
+def test_same_seed_same_batches_with_any_number_of_workers(compose):
+    plain = _augmented(compose, workers=0)
+    assert torch.equal(plain, _augmented(compose, workers=0))
+    assert torch.equal(plain, _augmented(compose, workers=2))
+    assert not torch.equal(plain, _augmented(compose, workers=0, epoch=1))
+    assert not torch.equal(plain, _augmented(compose, workers=0, seed=2))
+
+
+class _Failing(CachedImages):
+    def batch(self, positions, epoch=0, number=0):
+        if number == 2:
+            raise ValueError("broken batch 2")
+        return super().batch(positions, epoch, number)
+
+
+def test_background_batches_pass_errors_on_and_stop_cleanly():
+    threads = torch.get_num_threads()
+    loader = make_loader(_Failing(_images(), np.arange(20), None), 4, False, 0, 0)
+    it = iter(loader)
+    assert len(loader) == 5 and next(it)[0].shape == (4, 3, 14, 14)
+    with pytest.raises(ValueError, match="broken batch 2"):
+        list(it)
+    first = next(iter(make_loader(CachedImages(_images(), np.arange(20), None), 2, False, 0, 0)))
+    assert first[0].shape[0] == 2  # leaving a loader early does not hang
+    assert torch.get_num_threads() == threads
+    seen = []
+    later = threading.Thread(target=lambda: seen.append((torch.ones(10**5).sum(), torch.get_num_threads())))
+    later.start()
+    later.join()
+    assert seen[0][1] == threads  # threads made later still get the process's thread count
+
+
+class _ThreadReport(CachedImages):
+    def batch(self, positions, epoch=0, number=0):
+        return torch.tensor([cv2.getNumThreads(), torch.get_num_threads()]), torch.zeros(1)
+
+
+def test_workers_run_opencv_and_torch_single_threaded():
+    ds = _ThreadReport(_images(4), np.arange(4), None)
+    (threads, _), = list(make_loader(ds, 4, False, 1, 0))
+    assert threads.tolist() == [1, 1]
+
+
+def test_normalize_uses_the_model_statistics():
+    x = torch.randint(0, 256, (2, 3, 5, 5), dtype=torch.uint8)
+    mean, std = torch.tensor(SPEC.mean).view(1, 3, 1, 1), torch.tensor(SPEC.std).view(1, 3, 1, 1)
+    expected = (x.float() / 255 - mean) / std
+    assert torch.allclose(normalize(x, SPEC), expected, atol=1e-5)
+    cl = normalize(x, SPEC, channels_last=True)
+    assert cl.is_contiguous(memory_format=torch.channels_last) and torch.allclose(cl, expected, atol=1e-5)
+
+
+def test_one_channel_is_normalised_with_the_averaged_statistics():
+    (mean,), (std,) = channel_stats(SPEC, 1)
+    assert mean == pytest.approx(0.449) and std == pytest.approx(0.226)
+    x = torch.full((1, 1, 2, 2), 255, dtype=torch.uint8)
+    assert torch.allclose(normalize(x, SPEC), torch.full((1, 1, 2, 2), (1 - 0.449) / 0.226), atol=1e-4)
+    with pytest.raises(ValueError, match="cannot normalise 2 channels"):
+        normalize(torch.zeros(1, 2, 2, 2, dtype=torch.uint8), SPEC)
+
+
+def test_grayscale_channels_last_competition_runs_end_to_end(tiny):
+    write_yaml(tiny / "configs/tiny/gray.yaml", {
+        "competition": "competition.yaml", "data": {"channels": 1},
+        "model": {"backbone": "lenet5"},
+        "train": {"epochs": 1, "batch_size": 8, "channels_last": True},
+        "augment": {"preset": "heavy", "cutmix_alpha": 1.0}, "tta": {"views": "hflip"}})
+    folds.main(["configs/tiny/competition.yaml"])
+    train.main(["configs/tiny/gray.yaml"])
+    predict.main(["configs/tiny/gray.yaml"])
+    cfg = load_experiment("configs/tiny/gray.yaml")
+    s = train.prepare(cfg)
+    assert s.images.shape[1:] == (16, 16, 1)
+    model = train.load_fold_model(s, cfg.run_dir / "fold0")
+    first, *_, last = (m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first.in_channels == 1
+    assert last.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not last.weight.is_contiguous()
+    scores = json.loads((cfg.run_dir / "scores.json").read_text())
+    assert 0 <= scores["cv"] <= 1 and "cv_tta" in scores

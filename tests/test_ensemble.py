@@ -1,0 +1,161 @@
+"""The ensemble stage on toy run folders written directly (no training)."""
+import json
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+
+from conftest import write_yaml
+from pipeline import blend, ensemble
+from pipeline.config import load_ensemble
+from pipeline.errors import UserError
+
+CLASSES = ["class_0", "class_1", "class_2"]
+TRAIN_IDS = [f"tr{c}{j:03d}" for c in range(3) for j in range(8)]  # conftest's tiny competition
+Y = np.repeat(np.arange(3), 8)
+FOLDS = np.tile(np.arange(8) % 2, 3)
+TEST_IDS = [f"te{i:03d}" for i in reversed(range(6))]  # sample_submission's order
+
+
+def toy_proba(n, signal, seed, y=None):
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 1, (n, 3)) + (signal * np.eye(3)[y] if y is not None else 0)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def write_run(exp, signal, seed, fold_hash="f00d", oof_ids=TRAIN_IDS, classes=CLASSES,
+              permute=None):
+    """runs/tiny/<exp>/{oof_tta.csv, test.csv, scores.json} as the predict stage writes them."""
+    run = Path("runs/tiny") / exp
+    run.mkdir(parents=True, exist_ok=True)
+    oof = pd.DataFrame(toy_proba(24, signal, seed, Y), columns=classes)
+    oof.insert(0, "fold", FOLDS)
+    oof.insert(0, "id", TRAIN_IDS)
+    oof = oof[oof["id"].isin(oof_ids)]
+    test = pd.DataFrame(toy_proba(6, signal, seed + 100, np.arange(6) % 3), columns=classes)
+    test.insert(0, "id", TEST_IDS)
+    if permute is not None:
+        oof, test = oof.iloc[permute(len(oof))], test.iloc[permute(len(test))]
+    oof.to_csv(run / "oof_tta.csv", index=False)
+    test.to_csv(run / "test.csv", index=False)
+    (run / "scores.json").write_text(json.dumps({"tag": f"cfg{seed}-{fold_hash}", "cv": 0.5}))
+
+
+def config(tiny, experiments, **keys):
+    write_yaml(tiny / "configs/tiny/ensemble.yaml",
+               {"competition": "competition.yaml", "experiments": experiments, "trials": 15, **keys})
+    return load_ensemble(tiny / "configs/tiny/ensemble.yaml")
+
+
+def outputs(tiny):
+    run = tiny / "runs/tiny/ensemble"
+    return {f: (run / f).read_bytes() for f in ("weights.json", "test.csv", "report.md")}
+
+
+def test_ensemble_writes_weights_blend_report_plots_and_study(tiny):
+    write_run("good", 2.0, 1)
+    write_run("weak", 0.5, 2)
+    write_run("noise", 0.0, 3)
+    result = ensemble.run(config(tiny, ["good", "weak", "noise"], mode="tune", metric="log_loss"))
+    run = tiny / "runs/tiny/ensemble"
+
+    saved = json.loads((run / "weights.json").read_text())
+    w = np.array([saved["weights"][e] for e in saved["experiments"]])
+    assert saved["experiments"] == ["good", "weak", "noise"] and len(saved["weights"]) == 3
+    assert (w >= 0).all() and w.sum() == pytest.approx(1.0)
+    assert saved["mode"] in blend.MODES and saved["best_single"] == "good"
+    assert saved["nested_cv"] is not None and sorted(saved["nested_fold_weights"]) == ["0", "1"]
+    assert saved["cv"] == pytest.approx(result["cv"])
+
+    test = pd.read_csv(run / "test.csv")
+    assert list(test.columns) == ["id", *CLASSES] and list(test["id"]) == TEST_IDS
+    np.testing.assert_allclose(test[CLASSES].sum(1), 1.0, atol=1e-6)
+
+    report = (run / "report.md").read_text()
+    for row in ("| in-sample tuned |", "| nested-CV tuned |", "| equal weights |",
+                "| best single (good) |", "| noise |", "history.png", "folds.png"):
+        assert row in report
+    for png in ("history.png", "folds.png"):
+        assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    study = optuna.load_study(study_name="tiny-ensemble", storage=f"sqlite:///{run / 'study.db'}")
+    assert len(study.trials) == 15 and study.direction.name == "MINIMIZE"
+    assert {t.params["mode"] for t in study.trials} <= set(blend.MODES)
+    assert study.best_trial.user_attrs["weights"] == pytest.approx(
+        [saved["tuned_weights"][e] for e in saved["experiments"]])
+    assert not list(run.glob(".*"))  # no temporary files left behind
+
+
+def test_rerun_gives_byte_identical_artifacts(tiny):
+    write_run("good", 2.0, 1)
+    write_run("weak", 0.5, 2)
+    config(tiny, ["good", "weak"])
+    ensemble.main(["configs/tiny/ensemble.yaml"])
+    first = outputs(tiny)
+    ensemble.main(["configs/tiny/ensemble.yaml"])
+    assert outputs(tiny) == first
+
+
+def test_rows_in_another_order_are_aligned_by_id(tiny):
+    write_run("good", 2.0, 1)
+    write_run("weak", 0.5, 2)
+    cfg = config(tiny, ["good", "weak"])
+    ensemble.run(cfg)
+    first = outputs(tiny)
+    write_run("weak", 0.5, 2, permute=lambda n: np.random.default_rng(0).permutation(n))
+    ensemble.run(cfg)
+    assert outputs(tiny) == first
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(fold_hash="beef"), "experiments 'good' and 'other' were trained on different fold files"),
+    (dict(oof_ids=TRAIN_IDS[1:]), "experiments 'good' and 'other' have different oof ids "
+                                  r"\(1 ids in only one of them, e.g. 'tr0000'\)"),
+    (dict(classes=["class_1", "class_0", "class_2"]),
+     "experiments 'good' and 'other' have different oof class columns or order"),
+])
+def test_refuses_experiments_that_cannot_be_blended(tiny, change, message):
+    write_run("good", 2.0, 1)
+    write_run("other", 0.5, 2, **change)
+    with pytest.raises(UserError, match=message):
+        ensemble.run(config(tiny, ["good", "other"]))
+
+
+def test_refuses_a_missing_experiment_and_a_duplicate(tiny, capsys):
+    write_run("good", 2.0, 1)
+    config(tiny, ["good", "absent"])
+    with pytest.raises(SystemExit) as exit_info:
+        ensemble.main(["configs/tiny/ensemble.yaml"])
+    assert exit_info.value.code == 2
+    assert "runs/tiny/absent/oof_tta.csv: not found" in capsys.readouterr().err
+    with pytest.raises(UserError, match="names an experiment twice"):
+        ensemble.run(config(tiny, ["good", "good"]))
+
+
+def test_falls_back_to_equal_weights_when_tuning_does_not_beat_them(tiny, capsys):
+    write_run("good", 2.0, 1)
+    write_run("twin", 2.0, 1)  # identical predictions: no weighting can beat equal weights
+    result = ensemble.run(config(tiny, ["good", "twin"]))
+    assert result["choice"] == "equal" and result["weights"] == {"good": 0.5, "twin": 0.5}
+    assert "do not beat equal weights under nested CV" in capsys.readouterr().err
+    kept = ensemble.run(config(tiny, ["good", "twin"], fallback_to_equal=False))
+    assert kept["choice"] == "tuned" and "keeping them anyway" in kept["decision"]
+    assert kept["weights"] == kept["tuned_weights"]
+
+
+def test_shared_storage_keeps_the_study_and_refuses_another_setup(tiny):
+    write_run("good", 2.0, 1)
+    write_run("weak", 0.5, 2)
+    url = f"sqlite:///{tiny / 'shared.db'}"
+    ensemble.run(config(tiny, ["good", "weak"], storage=url))
+    ensemble.run(config(tiny, ["good", "weak"], storage=url))  # a finished study: no new trials
+    study = optuna.load_study(study_name="tiny-ensemble", storage=url)
+    assert len(study.trials) == 15 and study.user_attrs["experiments"] == ["good", "weak"]
+    assert not (tiny / "runs/tiny/ensemble/study.db").exists()
+    with pytest.raises(UserError, match="storage: study 'tiny-ensemble' .* was tuned for"):
+        ensemble.run(config(tiny, ["weak", "good"], storage=url))
+    with pytest.raises(UserError, match="storage: optuna cannot open 'nonsense'"):
+        ensemble.run(config(tiny, ["good", "weak"], storage="nonsense"))

@@ -1,0 +1,54 @@
+"""Metrics: values on toy cases and the optimisation direction of each."""
+import numpy as np
+import pytest
+
+from pipeline import metrics
+
+Y = np.array([0, 1, 2, 2])
+P = np.array([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.2, 0.3, 0.5], [0.5, 0.1, 0.4]])
+
+
+def test_label_metrics_score_the_argmax():
+    assert metrics.score("accuracy", Y, P) == 0.75  # the last row predicts class 0
+    # per-class F1: class 0: P=1/2 R=1 -> 2/3; class 1: 1; class 2: P=1 R=1/2 -> 2/3
+    assert metrics.score("macro_f1", Y, P) == pytest.approx((2 / 3 + 1 + 2 / 3) / 3)
+
+
+def test_log_loss_is_the_mean_negative_log_probability_of_the_true_class():
+    expected = -np.mean(np.log([0.7, 0.6, 0.5, 0.4]))
+    assert metrics.score("log_loss", Y, P) == pytest.approx(expected)
+    assert np.isfinite(metrics.score("log_loss", np.array([0]), np.array([[0.0, 1.0, 0.0]])))
+
+
+def test_roc_auc_binary_and_one_vs_rest():
+    y = np.array([0, 0, 1, 1])
+    p1 = np.array([0.1, 0.6, 0.4, 0.9])  # 3 of the 4 positive-negative pairs are ordered right
+    assert metrics.score("roc_auc", y, np.c_[1 - p1, p1]) == pytest.approx(0.75)
+    # OvR: class 0 and class 1 are separated perfectly; class 2 (rows 2, 3): 0.5, 0.4 vs 0.1, 0.3
+    assert metrics.score("roc_auc", Y, P) == pytest.approx(1.0)
+    # columns reversed: class 0 -> 0, class 1 -> 1, class 2 -> 2 of 4 pairs
+    assert metrics.score("roc_auc", Y, P[:, ::-1]) == pytest.approx(0.5)
+
+
+def test_qwk_rewards_near_misses_over_far_misses():
+    y = np.array([0, 1, 2, 3, 4])
+    onehot = lambda pred: np.eye(5)[pred]  # noqa: E731
+    assert metrics.score("qwk", y, onehot(y)) == pytest.approx(1.0)
+    near = metrics.score("qwk", y, onehot(np.array([1, 1, 2, 3, 3])))
+    far = metrics.score("qwk", y, onehot(np.array([4, 1, 2, 3, 0])))
+    assert 0 < near < 1 and far < 0
+
+
+@pytest.mark.parametrize("metric, direction", [("accuracy", "maximize"), ("macro_f1", "maximize"),
+                                               ("roc_auc", "maximize"), ("qwk", "maximize"),
+                                               ("log_loss", "minimize")])
+def test_direction_follows_the_metric(metric, direction):
+    assert metrics.direction(metric) == direction
+    good, bad = (0.9, 0.1) if direction == "maximize" else (0.1, 0.9)
+    assert metrics.better(metric, good, bad) and not metrics.better(metric, bad, good)
+    assert metrics.best_key(metric, {"a": bad, "b": good, "c": good}) == "b"
+
+
+def test_unknown_metric_is_refused():
+    with pytest.raises(ValueError, match="unknown metric 'rmse'"):
+        metrics.score("rmse", Y, P)

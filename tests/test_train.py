@@ -1,0 +1,84 @@
+"""Training loop: resume gives the same result as an uninterrupted run; checkpoint and log formats."""
+import pandas as pd
+import pytest
+import torch
+
+from conftest import EXPERIMENT, write_yaml
+from pipeline import folds, train
+from pipeline.config import load_experiment
+from pipeline.errors import UserError
+
+STAGED = {
+    "finetune": {"stages": [{"epochs": 1, "train": "head"}, {"epochs": 2, "train": "all"}]},
+    "train": {"batch_size": 4, "lr": 0.003, "ema_decay": 0.9, "label_smoothing": 0.1},
+    "augment": {"preset": "medium", "mixup_alpha": 0.2},
+}
+
+
+def setup(tiny, **experiment):
+    write_yaml(tiny / "configs/tiny/exp.yaml", {**EXPERIMENT, **experiment})
+    folds.main(["configs/tiny/competition.yaml"])
+    return train.prepare(load_experiment("configs/tiny/exp.yaml"))
+
+
+def state_after(fold_dir):
+    return torch.load(fold_dir / "last.pt", weights_only=True)["state"]
+
+
+def test_resume_after_an_interruption_gives_the_same_oof_as_an_uninterrupted_run(tiny, monkeypatch):
+    s = setup(tiny, **STAGED)
+    epochs_run = []
+    real_epoch = train.train_epoch
+    monkeypatch.setattr(train, "train_epoch", lambda *a, **k: epochs_run.append(1) or real_epoch(*a, **k))
+    train.train_fold(s, 0, tiny / "straight")
+    interrupted = tiny / "interrupted"
+    train.train_fold(s, 0, interrupted, stop_after_epochs=1)
+    assert (state_after(interrupted)["stage"], state_after(interrupted)["epoch"]) == (1, 0)
+    train.train_fold(s, 0, interrupted, stop_after_epochs=1)  # stops in the middle of stage 1
+    assert (state_after(interrupted)["stage"], state_after(interrupted)["epoch"]) == (1, 1)
+    epochs_run.clear()
+    train.train_fold(s, 0, interrupted)
+    assert state_after(interrupted)["stage"] == 2 and len(epochs_run) == 1  # only the last epoch
+
+    a, b = train.fold_oof(s, 0, tiny / "straight"), train.fold_oof(s, 0, interrupted)
+    assert a.equals(b)
+    assert (tiny / "straight/best.safetensors").read_bytes() == (interrupted / "best.safetensors").read_bytes()
+    logs = [pd.read_csv(d / "log.csv").drop(columns="seconds") for d in (tiny / "straight", interrupted)]
+    assert logs[0].equals(logs[1]) and len(logs[0]) == 3
+
+
+def test_log_and_checkpoints_have_the_documented_columns(tiny):
+    s = setup(tiny, train={"epochs": 2, "batch_size": 4, "lr": 0.003})
+    train.train_fold(s, 1, tiny / "fold1")
+    log = pd.read_csv(tiny / "fold1/log.csv")
+    assert list(log.columns) == ["epoch", "stage", "stage_epoch", "trainable_groups", "train_loss",
+                                 "val_loss", "val_metric", "lr_group0", "lr_group1", "lr_group2",
+                                 "lr_group3", "seconds"]
+    assert list(log["epoch"]) == [0, 1] and log["val_metric"].between(0, 1).all()
+    ckpt = torch.load(tiny / "fold1/last.pt", weights_only=True)
+    assert ckpt["tag"] == s.tag and ckpt["state"]["step"] == 2 * 3
+    assert set(train.load_fold_model(s, tiny / "fold1").state_dict()) == set(ckpt["model"])
+
+
+def test_checkpoint_from_another_config_is_not_resumed(tiny):
+    s = setup(tiny, train={"epochs": 1, "batch_size": 4})
+    train.train_fold(s, 0, tiny / "fold0")
+    ckpt = torch.load(tiny / "fold0/last.pt", weights_only=True)
+    torch.save({**ckpt, "tag": "another"}, tiny / "fold0/last.pt")
+    train.train_fold(s, 0, tiny / "fold0")
+    assert len(pd.read_csv(tiny / "fold0/log.csv")) == 1  # trained afresh, not appended
+
+
+def test_patience_ends_the_stage_early(tiny):
+    s = setup(tiny, train={"epochs": 6, "batch_size": 4, "lr": 1e-9, "patience": 1})
+    train.train_fold(s, 0, tiny / "fold0")
+    assert len(pd.read_csv(tiny / "fold0/log.csv")) == 2  # no gain at a vanishing rate
+
+
+def test_stage_errors_stop_the_run_before_any_work(tiny):
+    write_yaml(tiny / "configs/tiny/exp.yaml",
+               {**EXPERIMENT, "finetune": {"stages": [{"epochs": 1, "train": 0}]}})
+    folds.main(["configs/tiny/competition.yaml"])
+    with pytest.raises(UserError, match=r"finetune\.stages\[0\]\.train: 0 groups"):
+        train.run(load_experiment("configs/tiny/exp.yaml"))
+    assert not (tiny / "runs").exists() and not (tiny / "cache").exists()

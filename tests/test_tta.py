@@ -1,0 +1,139 @@
+"""TTA views against direct slicing, batching into one forward pass, merging and fold averaging."""
+from typing import get_args
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import tta
+from pipeline.augment import eval_transform
+from pipeline.config import ViewSet
+from pipeline.tta import View
+
+SIDE, SIZE = 19, 16  # odd margin: the centre crop must round like the train stage's
+
+
+def rot90(a: np.ndarray, k: int) -> np.ndarray:
+    """Counter-clockwise quarter turns by slicing: out[i, j] = a[j, n-1-i] for one turn."""
+    for _ in range(k):
+        a = a.swapaxes(-1, -2)[..., ::-1, :]
+    return a
+
+
+def expected_views(a: np.ndarray, size: int) -> dict[str, list[np.ndarray]]:
+    """Every view set of N x C x H x W `a`, written out with plain numpy slices."""
+    h, w = a.shape[-2:]
+    t, l = (h - size) // 2, (w - size) // 2
+    c = a[..., t:t + size, l:l + size]
+    five = [a[..., :size, :size], a[..., :size, w - size:], a[..., h - size:, :size],
+            a[..., h - size:, w - size:], c]
+    mirror = lambda v: v[..., ::-1]  # noqa: E731
+    return {
+        "none": [c],
+        "hflip": [c, mirror(c)],
+        "five_crop": five,
+        "ten_crop": five + [mirror(v) for v in five],
+        "dihedral8": [rot90(c, k) for k in range(4)] + [rot90(mirror(c), k) for k in range(4)],
+    }
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    return torch.arange(2 * 3 * SIDE * SIDE).view(2, 3, SIDE, SIDE)
+
+
+def test_config_view_sets_match_the_implemented_ones():
+    assert set(get_args(ViewSet)) == set(tta.VIEW_SETS)
+
+
+@pytest.mark.parametrize("view_set", list(tta.VIEW_SETS))
+def test_every_view_is_the_expected_slice(images, view_set):
+    got = tta.views(images, SIZE, view_set)
+    want = expected_views(images.numpy(), SIZE)[view_set]
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.shape == (2, 3, SIZE, SIZE)
+        np.testing.assert_array_equal(g.numpy(), w)
+    distinct = {tuple(v.flatten().tolist()) for v in got}
+    assert len(distinct) == len(got)  # no view silently repeats another
+
+
+def test_rotation_turns_counter_clockwise():
+    x = torch.tensor([[[[1, 2], [3, 4]]]])
+    turned = tta.apply_view(x, 2, View("centre", False, 1))
+    assert turned[0, 0].tolist() == [[2, 4], [1, 3]]
+    assert tta.apply_view(x, 2, View("centre", True, 0))[0, 0].tolist() == [[2, 1], [4, 3]]
+
+
+@pytest.mark.parametrize("side,size", [(19, 16), (37, 32), (36, 32), (32, 32)])
+def test_centre_view_is_the_train_stage_eval_crop(side, size):
+    hwc = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    plain = eval_transform(size)(image=hwc)["image"]
+    (view,) = tta.views(torch.from_numpy(hwc.transpose(2, 0, 1))[None], size, "none")
+    np.testing.assert_array_equal(view[0].numpy().transpose(1, 2, 0), plain)
+
+
+def test_union_shares_views_between_sets():
+    assert tta.union(["none"]) == (View("centre"),)
+    assert tta.union(["five_crop", "none", "hflip"]) == tta.VIEW_SETS["five_crop"] + (
+        View("centre", True),)
+    assert len(tta.union(list(tta.VIEW_SETS))) == 16  # 5 crops, 5 mirrored, 6 more rotations
+
+
+def test_merge_known_values():
+    p = torch.tensor([[[0.9, 0.1]], [[0.5, 0.5]]])  # 2 views x 1 image x 2 classes
+    torch.testing.assert_close(tta.merge(p, "mean"), torch.tensor([[0.7, 0.3]]))
+    # sqrt(.45) : sqrt(.05) = 3 : 1
+    torch.testing.assert_close(tta.merge(p, "geometric"), torch.tensor([[0.75, 0.25]]))
+    with pytest.raises(ValueError, match="unknown merge"):
+        tta.merge(p, "median")
+
+
+def test_average_folds_known_values():
+    folds = [np.array([[1.0, 0.0], [0.2, 0.8]]), np.array([[0.5, 0.5], [0.4, 0.6]])]
+    np.testing.assert_allclose(tta.average_folds(folds), [[0.75, 0.25], [0.3, 0.7]])
+
+
+class Linear(torch.nn.Module):
+    """Toy model: logits are a fixed linear function of the pixels; records its batch sizes."""
+
+    def __init__(self, weight: np.ndarray):
+        super().__init__()
+        self.weight = torch.from_numpy(weight)
+        self.calls: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(len(x))
+        return x.flatten(1).double() @ self.weight.T
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("how", ["mean", "geometric"])
+@pytest.mark.parametrize("max_batch", [1, 7, 10_000])
+def test_predict_sets_merges_the_known_outputs_of_every_view(how, max_batch):
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy(rng.integers(0, 256, (3, 1, SIDE, SIDE), dtype=np.uint8))
+    weight = rng.normal(0, 0.05, (4, SIZE * SIZE))
+    model = Linear(weight)
+    got = tta.predict_sets(model, x, SIZE, list(tta.VIEW_SETS), how,
+                           lambda v: v.float() / 255, max_batch)
+    for name, vs in expected_views(x.numpy(), SIZE).items():
+        p = np.stack([softmax(v.reshape(3, -1) / 255 @ weight.T) for v in vs])  # V x N x K
+        want = p.mean(0) if how == "mean" else softmax(np.log(p).mean(0))
+        np.testing.assert_allclose(got[name].numpy(), want, rtol=1e-5, atol=1e-6)
+    assert sum(model.calls) == 16 * 3  # shared views go through the model once
+    assert max(model.calls) <= max_batch
+
+
+def test_all_views_of_a_batch_go_through_one_forward_pass():
+    model = Linear(np.zeros((2, SIZE * SIZE)))
+    x = torch.zeros(5, 1, SIDE, SIDE, dtype=torch.uint8)
+    out = tta.predict_sets(model, x, SIZE, ["ten_crop"], "mean", lambda v: v.float(), 50)
+    assert model.calls == [50] and out["ten_crop"].shape == (5, 2)
+    model.calls.clear()
+    tta.predict_sets(model, x, SIZE, ["ten_crop"], "mean", lambda v: v.float(), 20)
+    assert model.calls == [20, 20, 10]  # chunked only when the batch exceeds max_batch
