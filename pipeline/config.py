@@ -79,7 +79,8 @@ class StageConfig(Strict):
 
 class FinetuneConfig(Strict):
     """Progressive unfreezing (pipeline.finetune): `stages`, or `policy: auto` to choose them
-    from the training-set size; each group's rate is the one above's / `lr_decay`."""
+    from the training-set size; each group's rate is the one above's / `lr_decay` (for a
+    randomly initialised model only when set explicitly)."""
 
     policy: Literal["manual", "auto"] = "manual"
     stages: list[StageConfig] | None = None

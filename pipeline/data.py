@@ -46,6 +46,11 @@ class PerImage:
         return torch.from_numpy(out).permute(0, 3, 1, 2)
 
 
+def seeded(*values: int) -> np.random.Generator:
+    """A generator determined by the integers given (any sign)."""
+    return np.random.default_rng([v % 2**64 for v in values])
+
+
 def batch_transform(compose: A.Compose | None):
     """`f(uint8 N x C x H x W, numpy generator) -> batch` running `compose` (None: identity)."""
     if compose is None:
@@ -78,7 +83,7 @@ class CachedImages(Dataset):
         x = torch.from_numpy(np.ascontiguousarray(self.images[self.rows[positions]]))
         x = x.permute(0, 3, 1, 2)  # NCHW view of NHWC memory
         if self.augment is not None:
-            x = self.augment(x, np.random.default_rng([self.seed, epoch, number]))
+            x = self.augment(x, seeded(self.seed, epoch, number))
         y = (torch.full((len(positions),), -1, dtype=torch.int64) if self.labels is None
              else torch.from_numpy(self.labels[positions]))
         return x, y
@@ -101,8 +106,7 @@ class EpochBatches(Sampler):
 
     def __iter__(self):
         n, epoch = len(self.dataset), self.dataset.epoch
-        order = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
-                 else np.arange(n))
+        order = seeded(self.seed, epoch).permutation(n) if self.shuffle else np.arange(n)
         size = self.batch_size
         for number in range(len(self)):
             yield BatchKey(epoch, number, order[number * size:(number + 1) * size])

@@ -140,6 +140,16 @@ def stage_plan(cfg: ExperimentConfig, n_train: int, n_groups: int) -> list[Stage
     return [Stage(s.epochs, resolve_trainable(s.train, n_groups)) for s in stages]
 
 
+def decay_factors(cfg: ExperimentConfig) -> tuple[float, float | None]:
+    """(lr_decay, layer_decay) for the run. Discriminative rates protect pretrained features;
+    a randomly initialised model has none, so it trains every group at the base rate unless
+    `finetune.lr_decay` or `finetune.layer_decay` is set explicitly."""
+    ft = cfg.finetune
+    if cfg.model.pretrained is False and not {"lr_decay", "layer_decay"} & ft.model_fields_set:
+        return 1.0, None
+    return ft.lr_decay, ft.layer_decay
+
+
 def group_lrs(base_lr: float, n_groups: int, lr_decay: float, layer_decay: float | None) -> list[float]:
     """Top group (head) gets base_lr; each group below gets the one above / lr_decay (or x layer_decay)."""
     factor = layer_decay if layer_decay is not None else 1.0 / lr_decay

@@ -179,7 +179,7 @@ def train_fold(s: Setup, fold: int, fold_dir: Path, stop_after_epochs: int | Non
     model = init_model(s, fold)
     groups = finetune.layer_groups(model)
     plan = finetune.stage_plan(cfg, len(train_rows), len(groups))
-    lrs = finetune.group_lrs(tc.lr, len(groups), cfg.finetune.lr_decay, cfg.finetune.layer_decay)
+    lrs = finetune.group_lrs(tc.lr, len(groups), *finetune.decay_factors(cfg))
     optimizer = torch.optim.AdamW(finetune.param_groups(model, groups, lrs, tc.weight_decay))
     ema = ModelEmaV3(model, decay=tc.ema_decay) if tc.ema_decay else None
     mix = make_mixer(cfg, len(s.comp.classes))

@@ -60,6 +60,7 @@ def test_same_seed_same_batches_with_any_number_of_workers(compose):
     assert torch.equal(plain, _augmented(compose, workers=2))
     assert not torch.equal(plain, _augmented(compose, workers=0, epoch=1))
     assert not torch.equal(plain, _augmented(compose, workers=0, seed=2))
+    assert _augmented(compose, workers=0, seed=-3).shape == plain.shape  # any seed works
 
 
 class _Failing(CachedImages):

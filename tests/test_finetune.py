@@ -47,6 +47,18 @@ def test_group_rates_follow_the_ratio_or_layer_decay():
     assert np.allclose(lrs, [2.5e-4, 5e-4, 1e-3])
 
 
+def test_random_init_trains_every_group_at_the_base_rate_unless_decay_is_set():
+    base = dict(name="x", data={"root": "."}, experiment="e")
+    scratch = ExperimentConfig.model_validate({**base, "model": {"backbone": "lenet5"}})
+    assert finetune.decay_factors(scratch) == (1.0, None)
+    tuned = ExperimentConfig.model_validate({**base, "model": {"backbone": "lenet5"},
+                                             "finetune": {"layer_decay": 0.7}})
+    assert finetune.decay_factors(tuned) == (2.6, 0.7)
+    pretrained = ExperimentConfig.model_validate(
+        {**base, "model": {"backbone": "lenet5", "pretrained": "w.safetensors"}})
+    assert finetune.decay_factors(pretrained) == (2.6, None)
+
+
 def test_schedules_warm_up_then_decay():
     f = [finetune.schedule_factor(i, 10, 2, "cosine") for i in range(10)]
     assert f[:2] == [0.5, 1.0] and f[2] == 1.0
@@ -128,7 +140,8 @@ def test_log_records_each_group_rate_by_ratio_with_a_restart_per_stage(tiny):
     lr = 0.004
     s = fold_setup(tiny, finetune={"stages": [{"epochs": 2, "train": "head"},
                                               {"epochs": 2, "train": 2},
-                                              {"epochs": 2, "train": "all"}]},
+                                              {"epochs": 2, "train": "all"}],
+                             "lr_decay": 2.6},
                    train={"batch_size": 4, "lr": lr})
     train.train_fold(s, 0, tiny / "fold0")
     log = pd.read_csv(tiny / "fold0/log.csv")
