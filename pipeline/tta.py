@@ -5,6 +5,7 @@ training size; the centre view is exactly the train stage's evaluation crop.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -48,11 +49,6 @@ def apply_view(x: torch.Tensor, size: int, view: View) -> torch.Tensor:
     return torch.rot90(out, view.rot90, dims=(-2, -1)) if view.rot90 else out
 
 
-def views(x: torch.Tensor, size: int, view_set: str) -> list[torch.Tensor]:
-    """The views of `view_set`, in its listed order."""
-    return [apply_view(x, size, v) for v in VIEW_SETS[view_set]]
-
-
 def union(view_sets: list[str]) -> tuple[View, ...]:
     """Every distinct view the sets need, in first-use order (auto's five sets share 16 of 26)."""
     return tuple(dict.fromkeys(v for name in view_sets for v in VIEW_SETS[name]))
@@ -67,6 +63,24 @@ def merge(proba: torch.Tensor, how: str) -> torch.Tensor:
     raise ValueError(f"unknown merge {how!r}")
 
 
+@functools.lru_cache(maxsize=32)
+def gather_index(height: int, width: int, size: int, needed: tuple[View, ...]) -> torch.Tensor:
+    """Flat pixel index of every view, V*size*size long: the views applied to a plane of indices."""
+    plane = torch.arange(height * width).view(1, 1, height, width)
+    return torch.cat([apply_view(plane, size, v).flatten() for v in needed])
+
+
+def stack_views(x: torch.Tensor, size: int, needed: tuple[View, ...]) -> torch.Tensor:
+    """N x C x H x W -> (N*V) x C x size x size, image-major, with one gather.
+
+    The result is laid out channels-last in memory (a strided view, no further copy).
+    """
+    n, c, h, w = x.shape
+    pixels = x.permute(0, 2, 3, 1).reshape(n, h * w, c)
+    stacked = pixels.index_select(1, gather_index(h, w, size, needed).to(x.device))
+    return stacked.view(n * len(needed), size, size, c).permute(0, 3, 1, 2)
+
+
 def predict_sets(model: torch.nn.Module, x: torch.Tensor, size: int, view_sets: list[str],
                  how: str, prep: Callable[[torch.Tensor], torch.Tensor],
                  max_batch: int) -> dict[str, torch.Tensor]:
@@ -77,11 +91,19 @@ def predict_sets(model: torch.nn.Module, x: torch.Tensor, size: int, view_sets: 
     input (uint8 -> normalised float).
     """
     needed = union(view_sets)
-    stacked = torch.cat([apply_view(x, size, v) for v in needed])
-    logits = torch.cat([model(prep(chunk)) for chunk in stacked.split(max_batch)])
-    proba = F.softmax(logits.float(), dim=1).view(len(needed), x.shape[0], -1)
+    stacked = stack_views(x, size, needed)
+    parts = [model(prep(chunk)) for chunk in stacked.split(max_batch)]
+    logits = parts[0] if len(parts) == 1 else torch.cat(parts)
+    proba = F.softmax(logits.float(), dim=1).view(x.shape[0], len(needed), -1).transpose(0, 1)
     index = {v: i for i, v in enumerate(needed)}
-    return {name: merge(proba[[index[v] for v in VIEW_SETS[name]]], how) for name in view_sets}
+    out = {}
+    for name in view_sets:
+        if VIEW_SETS[name] == needed:
+            out[name] = merge(proba, how)
+        else:
+            rows = torch.tensor([index[v] for v in VIEW_SETS[name]])
+            out[name] = merge(proba.index_select(0, rows), how)
+    return out
 
 
 def average_folds(per_fold: list[np.ndarray]) -> np.ndarray:

@@ -48,7 +48,7 @@ def test_config_view_sets_match_the_implemented_ones():
 
 @pytest.mark.parametrize("view_set", list(tta.VIEW_SETS))
 def test_every_view_is_the_expected_slice(images, view_set):
-    got = tta.views(images, SIZE, view_set)
+    got = [tta.apply_view(images, SIZE, v) for v in tta.VIEW_SETS[view_set]]
     want = expected_views(images.numpy(), SIZE)[view_set]
     assert len(got) == len(want)
     for g, w in zip(got, want):
@@ -56,6 +56,16 @@ def test_every_view_is_the_expected_slice(images, view_set):
         np.testing.assert_array_equal(g.numpy(), w)
     distinct = {tuple(v.flatten().tolist()) for v in got}
     assert len(distinct) == len(got)  # no view silently repeats another
+
+
+def test_stacked_views_are_image_major_copies_of_each_view(images):
+    needed = tta.union(list(tta.VIEW_SETS))
+    stacked = tta.stack_views(images, SIZE, needed)
+    assert stacked.shape == (2 * len(needed), 3, SIZE, SIZE)
+    per_image = stacked.reshape(2, len(needed), 3, SIZE, SIZE)
+    for i, view in enumerate(needed):
+        np.testing.assert_array_equal(per_image[:, i].numpy(),
+                                      tta.apply_view(images, SIZE, view).numpy())
 
 
 def test_rotation_turns_counter_clockwise():
@@ -69,7 +79,7 @@ def test_rotation_turns_counter_clockwise():
 def test_centre_view_is_the_train_stage_eval_crop(side, size):
     hwc = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
     plain = eval_transform(size)(image=hwc)["image"]
-    (view,) = tta.views(torch.from_numpy(hwc.transpose(2, 0, 1))[None], size, "none")
+    view = tta.apply_view(torch.from_numpy(hwc.transpose(2, 0, 1))[None], size, View("centre"))
     np.testing.assert_array_equal(view[0].numpy().transpose(1, 2, 0), plain)
 
 
