@@ -9,7 +9,10 @@ Per demo experiment (configs/digits/*.yaml; models built untrained, every layer 
 After a warm-up, each repetition runs real and synthetic back to back, alternating which goes
 first, so load from other processes hits both alike. Reported: median images/s of each, the
 median of the per-repetition ratios (target >= 0.90), and the cache's effect: a cold first
-epoch (decode + resize every image into a fresh cache, then train) against a warm epoch.
+epoch (decode + resize every image into a fresh cache, then train) against a warm epoch. Also
+the random-batch step's speed in channels_last over NCHW layout, to choose
+`train.channels_last`. On a busy machine (load average above the core count) and with
+OMP_WAIT_POLICY unset, it measures in a child process with OMP_WAIT_POLICY=PASSIVE (see main).
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ import io
 import math
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import textwrap
 import time
@@ -30,7 +35,7 @@ import torch
 from pipeline import demo, finetune, folds, train
 from pipeline.augment import train_transform
 from pipeline.config import ExperimentConfig, load_experiment
-from pipeline.data import CachedImages, make_loader, normalize
+from pipeline.data import CachedImages, PerImage, make_loader, normalize
 from pipeline.folds import folds_path
 
 CONFIGS = Path("configs/digits")
@@ -63,19 +68,35 @@ class Arm:
         return images / (time.perf_counter() - start)
 
 
-def real_loader(s: train.Setup, rows: np.ndarray):
-    """Fold 0's training loader, built as `train_fold` builds it, one new epoch per call."""
+def real_loader(s: train.Setup, rows: np.ndarray, per_image: bool = False):
+    """Fold 0's training loader, built as `train_fold` builds it, one new epoch per call.
+
+    `per_image` swaps the batched augmentation for albumentations image by image (the path
+    custom lists with unbatched transforms take), to show what batching buys.
+    """
     cfg, tc = s.cfg, s.cfg.train
-    ds = CachedImages(s.images, rows, s.labels[rows],
-                      train_transform(cfg.augment, cfg.image_size, cfg.seed), cfg.seed + FOLD)
+    compose = train_transform(cfg.augment, cfg.image_size, cfg.seed)
+    ds = CachedImages(s.images, rows, s.labels[rows], compose, cfg.seed + FOLD)
+    if per_image:
+        ds.augment = PerImage(compose)
     epoch = iter(range(10**9))
 
     def batches():
         e = next(epoch)
         ds.set_epoch(e)
-        return make_loader(ds, tc.batch_size, True, tc.num_workers, train.epoch_seed(cfg.seed, FOLD, e),
-                           drop_last=len(rows) >= tc.batch_size)
+        return make_loader(ds, tc.batch_size, True, tc.num_workers,
+                           train.epoch_seed(cfg.seed, FOLD, e), drop_last=len(rows) >= tc.batch_size)
     return batches
+
+
+def interleaved_rates(a: Arm, b: Arm, epochs: int, reps: int) -> tuple[list[float], list[float]]:
+    """Rates of `a` and `b` over `reps` repetitions, alternating which runs first."""
+    rates_a, rates_b = [], []
+    for rep in range(reps):
+        pairs = [(a, rates_a), (b, rates_b)]
+        for arm, rates in pairs if rep % 2 == 0 else pairs[::-1]:
+            rates.append(arm.rate(epochs))
+    return rates_a, rates_b
 
 
 def synthetic_loader(cfg: ExperimentConfig, n_batches: int):
@@ -107,12 +128,23 @@ def channels_last_speedup(s: train.Setup, mixer, n_batches: int, epochs: int, re
         model, optimizer = model_and_optimizer(s_layout)
         arms.append(Arm(s_layout, model, optimizer, mixer, synthetic_loader(s.cfg, n_batches)))
         arms[-1].rate(1)  # warm-up
-    ratios = []
-    for rep in range(reps):
-        order = arms if rep % 2 == 0 else arms[::-1]
-        rates = {id(arm): arm.rate(epochs) for arm in order}
-        ratios.append(rates[id(arms[1])] / rates[id(arms[0])])
-    return statistics.median(ratios)
+    nchw, nhwc = interleaved_rates(*arms, epochs, reps)
+    return statistics.median(b / a for a, b in zip(nchw, nhwc))
+
+
+def per_image_ratio(path: Path) -> float:
+    """The data-path ratio with albumentations applied image by image instead of batched."""
+    cfg = load_experiment(path, ["model.pretrained=false"])
+    s, _ = setup(cfg)
+    rows = np.flatnonzero(s.folds != FOLD)
+    model, optimizer = model_and_optimizer(s)
+    mixer = train.make_mixer(cfg, len(s.comp.classes))
+    slow = Arm(s, model, optimizer, mixer, real_loader(s, rows, per_image=True))
+    n_batches = len(slow.batches())
+    synthetic = Arm(s, model, optimizer, mixer, synthetic_loader(cfg, n_batches))
+    slow.rate(1), synthetic.rate(1)  # warm-up
+    slow_rates, synth_rates = interleaved_rates(slow, synthetic, 1, MIN_REPS)
+    return statistics.median(a / b for a, b in zip(slow_rates, synth_rates))
 
 
 def model_and_optimizer(s: train.Setup):
@@ -153,11 +185,7 @@ def bench_experiment(path: Path) -> dict:
     epoch_s = images / min(real.rate(1), synthetic.rate(1))  # also the warm-up
     epochs = max(1, math.ceil(MIN_SECONDS / epoch_s))
     reps = max(MIN_REPS, min(MAX_REPS, int(BUDGET_S / (2 * epochs * epoch_s))))
-    real_rates, synth_rates = [], []
-    for rep in range(reps):
-        arms = [(real, real_rates), (synthetic, synth_rates)]
-        for arm, rates in arms if rep % 2 == 0 else arms[::-1]:
-            rates.append(arm.rate(epochs))
+    real_rates, synth_rates = interleaved_rates(real, synthetic, epochs, reps)
     ratios = [r / q for r, q in zip(real_rates, synth_rates)]
     later = images / statistics.median(real_rates)
     nhwc = channels_last_speedup(s, mixer, min(n_batches, 6), epochs, MIN_REPS)
@@ -225,8 +253,8 @@ def line(cells) -> str:
     return ("  " + " ".join(padded)).rstrip()
 
 
-def main() -> list[dict]:
-    ensure_demo_inputs()
+def measure() -> list[dict]:
+    """Benchmark every demo experiment, printing a table row as each finishes."""
     print(f"Data path: train-stage images/s vs the same step on in-memory random batches "
           f"(medians of {MIN_REPS}-{MAX_REPS} interleaved repetitions), target ratio >= {TARGET:.2f}")
     print(f"  machine: {machine()}")
@@ -236,6 +264,11 @@ def main() -> list[dict]:
         results.append(bench_experiment(path))
         print(line(cell(results[-1]) for _, _, cell in COLUMNS), flush=True)
     print(textwrap.fill(LEGEND, 100, initial_indent="  ", subsequent_indent="  "))
+    hungriest = max(results, key=lambda r: r["synthetic"])
+    if hungriest["preset"] != "none":
+        slow = per_image_ratio(CONFIGS / f"{hungriest['experiment']}.yaml")
+        print(f"  {hungriest['experiment']} with albumentations image by image instead of batched "
+              f"(the fallback for custom lists): ratio {slow:.3f} (batched: {hungriest['ratio']:.3f})")
     faster = [f"{r['experiment']} (x{r['nhwc_speedup']:.2f})" for r in results
               if r["nhwc_speedup"] > 1.1 and not r["channels_last"]]
     if faster:
@@ -243,6 +276,25 @@ def main() -> list[dict]:
               f"set train.channels_last: true")
     print(f"  machine after: {machine()}")
     return results
+
+
+def main() -> None:
+    """Measure here, or on a busy machine in a child process whose OpenMP threads sleep.
+
+    Spinning OpenMP threads (the default) stall whenever another process holds their core;
+    with more runnable processes than cores a 2-thread LeNet step then takes a second instead
+    of milliseconds, in both arms alike, and the ratio is noise. An explicit OMP_WAIT_POLICY
+    is always respected.
+    """
+    ensure_demo_inputs()
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if "OMP_WAIT_POLICY" in os.environ or load <= cores:
+        measure()
+        return
+    print(f"Data path: load average {load:.1f} on {cores} cores: measuring in a child process "
+          f"with OMP_WAIT_POLICY=PASSIVE (set OMP_WAIT_POLICY to choose)", flush=True)
+    subprocess.run([sys.executable, "-m", "pipeline.bench.data_path"], check=True,
+                   env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
 
 
 if __name__ == "__main__":
