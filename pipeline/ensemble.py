@@ -21,7 +21,6 @@ the best trial it sees, so rerun the stage once after the last worker has finish
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sqlite3
 import sys
@@ -32,13 +31,13 @@ import numpy as np
 import optuna
 import pandas as pd
 import sqlalchemy.exc
-from matplotlib.figure import Figure
 
 from pipeline import blend, metrics
+from pipeline.ensemble_report import plot_folds, plot_history, render_report
 from pipeline.artifacts import atomic_path, write_csv, write_json, write_text
 from pipeline.competition import load_competition_data
 from pipeline.config import EnsembleConfig, load_ensemble
-from pipeline.errors import UserError, cli
+from pipeline.errors import UserError, cli, stage_args
 
 
 @dataclass
@@ -164,85 +163,6 @@ def save_study(study: optuna.Study, path: Path, name: str) -> None:
         storage.engine.dispose()
 
 
-def plot_history(study: optuna.Study, metric: str, path: Path) -> None:
-    trials = [t for t in study.trials if t.value is not None]
-    fig = Figure(figsize=(7, 4))
-    ax = fig.subplots()
-    for mode in dict.fromkeys(t.user_attrs["mode"] for t in trials):
-        pts = [(t.number, t.value) for t in trials if t.user_attrs["mode"] == mode]
-        ax.scatter(*zip(*pts), s=10, alpha=0.6, label=f"trial ({mode})")
-    best = np.maximum.accumulate if metrics.HIGHER_IS_BETTER[metric] else np.minimum.accumulate
-    ax.step([t.number for t in trials], best([t.value for t in trials]), where="post",
-            color="black", label="best so far")
-    ax.set(xlabel="trial", ylabel=f"OOF {metric}", title="optimisation history")
-    ax.legend(fontsize=8)
-    _save_png(fig, path)
-
-
-def plot_folds(per_fold: dict, metric: str, path: Path) -> None:
-    """One line per series across the folds: {series: {fold: score}}."""
-    fig = Figure(figsize=(7, 4))
-    ax = fig.subplots()
-    for name, scores in per_fold.items():
-        style = "-o" if name in ("nested-CV tuned", "equal weights") else "--."
-        ax.plot(list(scores), list(scores.values()), style, label=name)
-    ax.set(xlabel="fold", ylabel=f"{metric}", title="per-fold scores")
-    ax.set_xticks(list(next(iter(per_fold.values()))))
-    ax.legend(fontsize=8)
-    _save_png(fig, path)
-
-
-def _save_png(fig: Figure, path: Path) -> None:
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-
-
-def score_table(result: dict) -> str:
-    """The markdown table: in-sample tuned, nested-CV tuned, equal weights, best single."""
-    metric = result["metric"]
-    nested = result["nested_cv"]
-    rows = [("in-sample tuned", result["tuned_in_sample_cv"],
-             "tuned and scored on the same OOF: optimistic"),
-            ("nested-CV tuned", nested,
-             "tuned on k-1 folds, scored on the held-out fold" if nested is not None
-             else "not run (nested_cv: false)"),
-            ("equal weights", result["equal_weights_cv"], "no tuning"),
-            (f"best single ({result['best_single']})", result["single_cv"][result["best_single"]],
-             "OOF with TTA")]
-    lines = [f"| blend | {metric} | |", "| --- | --- | --- |"]
-    lines += [f"| {name} | {'-' if v is None else f'{v:.5f}'} | {note} |" for name, v, note in rows]
-    return "\n".join(lines)
-
-
-def render_report(result: dict, cfg: EnsembleConfig) -> str:
-    names = result["experiments"]
-    nested = result["nested_fold_weights"]
-    head = ["experiment", "single CV", "tuned (all folds)", "used"] + [f"fold {f}" for f in nested]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for n in names:
-        cells = [n, f"{result['single_cv'][n]:.5f}", f"{result['tuned_weights'][n]:.3f}",
-                 f"{result['weights'][n]:.3f}"] + [f"{w[n]:.3f}" for w in nested.values()]
-        lines.append("| " + " | ".join(cells) + " |")
-    modes = [result["tuned_mode"], result["mode"]] + list(result["nested_fold_modes"].values())
-    lines.append("| mode | | " + " | ".join(modes) + " |")
-    storage = cfg.storage or f"sqlite:///{cfg.run_dir / 'study.db'}"
-    sampler = "TPE, a study shared through `storage`" if cfg.storage else f"TPE, seed {cfg.seed}"
-    return "\n".join([
-        f"# Ensemble `{cfg.experiment}` of {cfg.name}: {', '.join(names)}", "",
-        f"Metric: {result['metric']} ({metrics.direction(result['metric'])}); "
-        f"{cfg.trials} optuna trials ({sampler}), mode `{cfg.mode}`.", "",
-        score_table(result), "",
-        f"**Used: {result['choice']} weights, mode `{result['mode']}`, OOF {result['metric']} "
-        f"{result['cv']:.5f}.** {result['decision']}", "",
-        "## Weights", "",
-        "Tuned on all folds, used, and (nested CV) tuned without each fold:", "",
-        *lines, "",
-        f"Study: `{storage}`, name `{cfg.name}-{cfg.experiment}`.", "",
-        "![optimisation history](history.png)", "",
-        "![per-fold scores](folds.png)", ""])
-
-
 def decide(cfg: EnsembleConfig, nested: float | None, equal: float) -> tuple[str, str]:
     """(choice, one-line reason): tuned or equal weights, from the nested-CV comparison."""
     if nested is None:
@@ -347,12 +267,8 @@ def run(cfg: EnsembleConfig) -> dict:
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="configs/<comp>/ensemble.yaml")
-    parser.add_argument("overrides", nargs="*", help="key=value dot-path overrides")
-    args = parser.parse_args(argv)
-    run(load_ensemble(args.config, args.overrides))
+    config, overrides = stage_args(argv, __doc__, "configs/<comp>/ensemble.yaml")
+    run(load_ensemble(config, overrides))
 
 
 if __name__ == "__main__":

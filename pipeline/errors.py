@@ -1,6 +1,7 @@
-"""User-facing errors: one line, exit code 2, no traceback."""
+"""User-facing errors (one line, exit code 2, no traceback) and the stages' command line."""
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 from typing import Callable
@@ -22,3 +23,13 @@ def cli(main: Callable[..., None]) -> Callable[..., None]:
             raise SystemExit(2) from None
 
     return wrapper
+
+
+def stage_args(argv: list[str] | None, doc: str | None, config: str) -> tuple[str, list[str]]:
+    """A stage's command line: the config file (`config` describes which) and key=value overrides."""
+    parser = argparse.ArgumentParser(description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help=config)
+    parser.add_argument("overrides", nargs="*", help="key=value dot-path overrides")
+    args = parser.parse_args(argv)
+    return args.config, args.overrides

@@ -1,7 +1,6 @@
 """Stage 1: deterministic k-fold split of the train table -> folds/<comp>.csv (id, fold)."""
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from sklearn.model_selection import KFold, StratifiedGroupKFold, StratifiedKFold
 from pipeline.artifacts import write_csv
 from pipeline.competition import load_competition_data
 from pipeline.config import load_competition
-from pipeline.errors import UserError, cli
+from pipeline.errors import UserError, cli, stage_args
 
 
 def choose_method(method: str, has_groups: bool) -> str:
@@ -71,11 +70,8 @@ def folds_path(comp: str) -> Path:
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("config", help="configs/<comp>/competition.yaml")
-    parser.add_argument("overrides", nargs="*", help="key=value dot-path overrides")
-    args = parser.parse_args(argv)
-    cfg = load_competition(args.config, args.overrides)
+    config, overrides = stage_args(argv, __doc__, "configs/<comp>/competition.yaml")
+    cfg = load_competition(config, overrides)
     comp = load_competition_data(cfg)
     groups = comp.train["group"] if cfg.data.group_column else None
     table = fold_table(comp.train["id"], comp.train["target"], groups, cfg.folds.n_splits,

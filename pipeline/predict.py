@@ -7,7 +7,6 @@ and keeps the best; all candidates come from the same pass over the data.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import sys
@@ -19,7 +18,7 @@ from pipeline import metrics, tta
 from pipeline.artifacts import write_csv, write_json
 from pipeline.config import ExperimentConfig, load_experiment
 from pipeline.data import CachedImages, make_loader, normalize
-from pipeline.errors import UserError, cli
+from pipeline.errors import UserError, cli, stage_args
 from pipeline.images import image_cache
 from pipeline.models import cache_size
 from pipeline.train import Setup, load_fold_model, prepare, proba_frame
@@ -127,11 +126,8 @@ def run(cfg: ExperimentConfig) -> dict:
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("config", help="configs/<comp>/<experiment>.yaml")
-    parser.add_argument("overrides", nargs="*", help="key=value dot-path overrides")
-    args = parser.parse_args(argv)
-    run(load_experiment(args.config, args.overrides))
+    config, overrides = stage_args(argv, __doc__, "configs/<comp>/<experiment>.yaml")
+    run(load_experiment(config, overrides))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ mixup/cutmix. Written to runs/<comp>/<exp>/preview.png; the path is printed.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from pipeline.augment import eval_transform, mixer, train_transform
 from pipeline.competition import load_competition_data
 from pipeline.config import ExperimentConfig, load_experiment
 from pipeline.data import CachedImages
-from pipeline.errors import UserError, cli
+from pipeline.errors import UserError, cli, stage_args
 from pipeline.images import decode, resize
 from pipeline.models import cache_size, create_model, input_spec
 
@@ -93,11 +92,8 @@ def write_preview(cfg: ExperimentConfig, n_images: int = 8, n_augmented: int = 6
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("config", help="configs/<comp>/<experiment>.yaml")
-    parser.add_argument("overrides", nargs="*", help="key=value dot-path overrides")
-    args = parser.parse_args(argv)
-    print(write_preview(load_experiment(args.config, args.overrides)))
+    config, overrides = stage_args(argv, __doc__, "configs/<comp>/<experiment>.yaml")
+    print(write_preview(load_experiment(config, overrides)))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ column order, or one positive-class probability. Written atomically, validated b
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pandas as pd
 from pipeline.artifacts import atomic_path
 from pipeline.competition import SubmissionFormat, load_competition_data
 from pipeline.config import load_ensemble
-from pipeline.errors import UserError, cli
+from pipeline.errors import UserError, cli, stage_args
 
 
 def format_submission(fmt: SubmissionFormat, classes: list[str], ids: list[str],
@@ -76,11 +75,8 @@ def write_submission(df: pd.DataFrame, path: Path, fmt: SubmissionFormat,
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("config", help="configs/<comp>/ensemble.yaml")
-    parser.add_argument("overrides", nargs="*", help="key=value dot-path overrides")
-    args = parser.parse_args(argv)
-    cfg = load_ensemble(args.config, args.overrides)
+    config, overrides = stage_args(argv, __doc__, "configs/<comp>/ensemble.yaml")
+    cfg = load_ensemble(config, overrides)
     comp = load_competition_data(cfg)
     blended_path = cfg.run_dir / "test.csv"
     if not blended_path.is_file():

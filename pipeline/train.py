@@ -5,7 +5,6 @@ for resume (`last.pt`), a per-epoch log (`log.csv`) and the fold's OOF rows (`oo
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import time
@@ -28,7 +27,7 @@ from pipeline.augment import eval_transform, mixer, train_transform
 from pipeline.competition import Competition, load_competition_data
 from pipeline.config import ExperimentConfig, config_hash, load_experiment
 from pipeline.data import CachedImages, make_loader, normalize, to_memory_format
-from pipeline.errors import UserError, cli
+from pipeline.errors import UserError, cli, stage_args
 from pipeline.folds import folds_path, read_folds
 from pipeline.images import image_cache
 from pipeline.models import InputSpec, cache_size, check_pretrained, create_model, input_spec
@@ -304,11 +303,8 @@ def run(cfg: ExperimentConfig) -> dict:
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("config", help="configs/<comp>/<experiment>.yaml")
-    parser.add_argument("overrides", nargs="*", help="key=value dot-path overrides")
-    args = parser.parse_args(argv)
-    run(load_experiment(args.config, args.overrides))
+    config, overrides = stage_args(argv, __doc__, "configs/<comp>/<experiment>.yaml")
+    run(load_experiment(config, overrides))
 
 
 if __name__ == "__main__":

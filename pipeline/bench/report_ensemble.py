@@ -1,7 +1,7 @@
 """`make reports` section: the ensemble stage on the digits demo -> reports/ensemble.md.
 
 Blends every experiment of configs/digits/ (what `make predict COMP=digits` trains and
-predicts; run that first) with the settings of configs/digits/ensemble.yaml, once per blend
+predicts; `make reports` runs that first) with the settings of configs/digits/ensemble.yaml, once per blend
 mode, each into its own run folder runs/digits/report-ensemble-<mode>/ (with its report.md
 and plots), leaving the stage's own runs/digits/ensemble/ alone.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipeline import blend, ensemble
+from pipeline import blend, ensemble, ensemble_report
 from pipeline.artifacts import write_text
 from pipeline.config import load_ensemble
 from pipeline.errors import cli
@@ -49,7 +49,7 @@ def render(results: dict, configured: str) -> str:
         f"{', '.join(names)}, {cfg.metric}, {cfg.trials} seeded TPE trials per study, "
         f"{cfg.folds.n_splits}-fold nested CV, seed {cfg.seed}.", "",
         f"## The configured blend (mode `{configured}`)", "",
-        ensemble.score_table(main), "",
+        ensemble_report.score_table(main), "",
         f"Used: {main['choice']} weights, OOF {main['metric']} {main['cv']:.4f}. "
         f"{main['decision']}", "",
         *weights, "",
