@@ -74,7 +74,11 @@ def render(rows: list[tuple[str, dict]], n_train: int) -> str:
         folds_text = " ".join(f"{v:.3f}" for v in r["per_fold"])
         lines.append(f"| {desc} | {stages_text(r['cfg'])} | **{r['cv']:.4f}** | {folds_text} | "
                      f"{r['first_epoch']:.3f} | {r['minutes']:.1f} |")
+    ours = rows[0][1]
+    gaps = "; ".join(f"{ours['cv'] - r['cv']:+.4f} over *{desc}*" for desc, r in rows[1:])
     lines += [
+        "",
+        f"The first row's CV: {gaps}.",
         "",
         "CV: accuracy of the out-of-fold predictions of each fold's best epoch (no TTA). "
         "Epoch-1 val accuracy: the fold models after their first epoch, averaged over folds. "
