@@ -93,7 +93,8 @@ class RandomResizedCrop:
 
 
 @dataclass
-class RandomCrop:
+class _FixedCrop:
+    """A crop of a fixed size; subclasses choose where it starts."""
     height: int
     width: int
     resizes = True
@@ -106,28 +107,21 @@ class RandomCrop:
 
     def matrix(self, n: int, h: int, w: int, rng: Rng):
         if self.height > h or self.width > w:
-            raise ValueError(f"RandomCrop {self.height}x{self.width} is larger than the {h}x{w} image")
-        y0, x0 = _crop_start(rng, h, self.height, n), _crop_start(rng, w, self.width, n)
+            raise ValueError(f"{type(self).__name__} {self.height}x{self.width} is larger than "
+                             f"the {h}x{w} image")
+        x0, y0 = self.start(n, h, w, rng)
         return _scale_shift(1.0, 1.0, x0, y0, n), self.height, self.width
 
 
-@dataclass
-class CenterCrop:
-    height: int
-    width: int
-    resizes = True
+class RandomCrop(_FixedCrop):
+    def start(self, n: int, h: int, w: int, rng: Rng):
+        y0 = _crop_start(rng, h, self.height, n)
+        return _crop_start(rng, w, self.width, n), y0
 
-    @classmethod
-    def build(cls, d: dict):
-        if d.get("pad_if_needed"):
-            raise Unsupported("pad_if_needed")
-        return cls(d["height"], d["width"])
 
-    def matrix(self, n: int, h: int, w: int, rng: Rng):
-        if self.height > h or self.width > w:
-            raise ValueError(f"CenterCrop {self.height}x{self.width} is larger than the {h}x{w} image")
-        return (_scale_shift(1.0, 1.0, (w - self.width) // 2, (h - self.height) // 2, n),
-                self.height, self.width)
+class CenterCrop(_FixedCrop):
+    def start(self, n: int, h: int, w: int, rng: Rng):
+        return (w - self.width) // 2, (h - self.height) // 2
 
 
 @dataclass

@@ -267,8 +267,8 @@ def run(cfg: EnsembleConfig) -> dict:
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    config, overrides = stage_args(argv, __doc__, "configs/<comp>/ensemble.yaml")
-    run(load_ensemble(config, overrides))
+    args = stage_args(argv, __doc__, "configs/<comp>/ensemble.yaml")
+    run(load_ensemble(args.config, args.overrides))
 
 
 if __name__ == "__main__":

@@ -25,11 +25,14 @@ def cli(main: Callable[..., None]) -> Callable[..., None]:
     return wrapper
 
 
-def stage_args(argv: list[str] | None, doc: str | None, config: str) -> tuple[str, list[str]]:
-    """A stage's command line: the config file (`config` describes which) and key=value overrides."""
+def stage_args(argv: list[str] | None, doc: str | None, config: str,
+               extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """A stage's command line: the config file (`config` describes which), key=value overrides
+    (`.config`, `.overrides`), and whatever options `extra` adds."""
     parser = argparse.ArgumentParser(description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help=config)
     parser.add_argument("overrides", nargs="*", help="key=value dot-path overrides")
-    args = parser.parse_args(argv)
-    return args.config, args.overrides
+    if extra is not None:
+        extra(parser)
+    return parser.parse_args(argv)

@@ -70,8 +70,8 @@ def folds_path(comp: str) -> Path:
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    config, overrides = stage_args(argv, __doc__, "configs/<comp>/competition.yaml")
-    cfg = load_competition(config, overrides)
+    args = stage_args(argv, __doc__, "configs/<comp>/competition.yaml")
+    cfg = load_competition(args.config, args.overrides)
     comp = load_competition_data(cfg)
     groups = comp.train["group"] if cfg.data.group_column else None
     table = fold_table(comp.train["id"], comp.train["target"], groups, cfg.folds.n_splits,

@@ -126,8 +126,8 @@ def run(cfg: ExperimentConfig) -> dict:
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    config, overrides = stage_args(argv, __doc__, "configs/<comp>/<experiment>.yaml")
-    run(load_experiment(config, overrides))
+    args = stage_args(argv, __doc__, "configs/<comp>/<experiment>.yaml")
+    run(load_experiment(args.config, args.overrides))
 
 
 if __name__ == "__main__":

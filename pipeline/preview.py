@@ -92,8 +92,8 @@ def write_preview(cfg: ExperimentConfig, n_images: int = 8, n_augmented: int = 6
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    config, overrides = stage_args(argv, __doc__, "configs/<comp>/<experiment>.yaml")
-    print(write_preview(load_experiment(config, overrides)))
+    args = stage_args(argv, __doc__, "configs/<comp>/<experiment>.yaml")
+    print(write_preview(load_experiment(args.config, args.overrides)))
 
 
 if __name__ == "__main__":

@@ -75,8 +75,8 @@ def write_submission(df: pd.DataFrame, path: Path, fmt: SubmissionFormat,
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    config, overrides = stage_args(argv, __doc__, "configs/<comp>/ensemble.yaml")
-    cfg = load_ensemble(config, overrides)
+    args = stage_args(argv, __doc__, "configs/<comp>/ensemble.yaml")
+    cfg = load_ensemble(args.config, args.overrides)
     comp = load_competition_data(cfg)
     blended_path = cfg.run_dir / "test.csv"
     if not blended_path.is_file():

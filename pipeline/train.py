@@ -2,6 +2,8 @@
 
 Per fold: best checkpoint by the competition metric (`best.safetensors`), a last checkpoint
 for resume (`last.pt`), a per-epoch log (`log.csv`) and the fold's OOF rows (`oof.csv`).
+`--fold K` (repeatable) trains only those folds, e.g. one per machine or terminal; the run's
+oof.csv and scores.json are written once every fold is done.
 """
 from __future__ import annotations
 
@@ -273,21 +275,32 @@ def reset_if_stale(run_dir: Path, tag: str) -> None:
     write_text(tag + "\n", tag_file)
 
 
-def run(cfg: ExperimentConfig) -> dict:
+def run(cfg: ExperimentConfig, only: list[int] | None = None) -> dict | None:
+    """Train the folds not yet done (all, or those in `only`); the run's OOF and scores once
+    every fold is done, else None."""
     finetune.check_finetune(cfg)
     check_pretrained(cfg.model)
+    n_splits = cfg.folds.n_splits
+    outside = sorted(set(only or []) - set(range(n_splits)))
+    if outside:
+        raise UserError(f"--fold {outside[0]}: the folds are 0 to {n_splits - 1} (folds.n_splits)")
     s = prepare(cfg)
     run_dir = cfg.run_dir
     reset_if_stale(run_dir, s.tag)
     write_text(cfg.model_dump_json(indent=2) + "\n", run_dir / "config.json")
-    frames, per_fold = [], {}
-    for fold in range(cfg.folds.n_splits):
+    for fold in sorted(set(only)) if only else range(n_splits):
         fold_dir = run_dir / f"fold{fold}"
-        done = fold_dir / "oof.csv"
-        if not done.is_file():
+        if not (fold_dir / "oof.csv").is_file():
             train_fold(s, fold, fold_dir)
-            write_csv(fold_oof(s, fold, fold_dir), done)
-        df = pd.read_csv(done, dtype={"id": str}, keep_default_na=False)
+            write_csv(fold_oof(s, fold, fold_dir), fold_dir / "oof.csv")
+    missing = [k for k in range(n_splits) if not (run_dir / f"fold{k}" / "oof.csv").is_file()]
+    if missing:
+        print(f"{cfg.experiment}: folds {', '.join(map(str, missing))} still to train; oof.csv and "
+              f"scores.json follow once they are done", file=sys.stderr)
+        return None
+    frames, per_fold = [], {}
+    for fold in range(n_splits):
+        df = pd.read_csv(run_dir / f"fold{fold}" / "oof.csv", dtype={"id": str}, keep_default_na=False)
         y = s.labels[np.flatnonzero(s.folds == fold)]
         per_fold[fold] = metrics.score(cfg.metric, y, df[list(s.comp.classes)].to_numpy())
         frames.append(df)
@@ -301,10 +314,14 @@ def run(cfg: ExperimentConfig) -> dict:
     return scores
 
 
+def _fold_option(parser) -> None:
+    parser.add_argument("--fold", type=int, action="append", help="train only this fold (repeatable)")
+
+
 @cli
 def main(argv: list[str] | None = None) -> None:
-    config, overrides = stage_args(argv, __doc__, "configs/<comp>/<experiment>.yaml")
-    run(load_experiment(config, overrides))
+    args = stage_args(argv, __doc__, "configs/<comp>/<experiment>.yaml", _fold_option)
+    run(load_experiment(args.config, args.overrides), args.fold)
 
 
 if __name__ == "__main__":

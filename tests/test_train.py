@@ -82,3 +82,24 @@ def test_stage_errors_stop_the_run_before_any_work(tiny):
     with pytest.raises(UserError, match=r"finetune\.stages\[0\]\.train: 0 groups"):
         train.run(load_experiment("configs/tiny/exp.yaml"))
     assert not (tiny / "runs").exists() and not (tiny / "cache").exists()
+
+
+def test_fold_option_trains_only_those_folds_and_the_oof_waits_for_all(tiny, capsys):
+    setup(tiny, train={"epochs": 1, "batch_size": 4, "lr": 0.003})
+    run_dir = load_experiment("configs/tiny/exp.yaml").run_dir
+    train.main(["configs/tiny/exp.yaml", "--fold", "1"])
+    assert (run_dir / "fold1/oof.csv").is_file() and not (run_dir / "fold0").exists()
+    assert not (run_dir / "oof.csv").exists() and not (run_dir / "scores.json").exists()
+    assert "folds 0 still to train" in capsys.readouterr().err
+    train.main(["configs/tiny/exp.yaml", "--fold", "0"])
+    oof = pd.read_csv(run_dir / "oof.csv")
+    assert sorted(oof["fold"].unique()) == [0, 1] and (run_dir / "scores.json").is_file()
+
+
+def test_fold_outside_the_split_is_a_one_line_error(tiny, capsys):
+    setup(tiny)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        train.main(["configs/tiny/exp.yaml", "--fold", "2"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: --fold 2: the folds are 0 to 1 (folds.n_splits)"

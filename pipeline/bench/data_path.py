@@ -34,11 +34,11 @@ import torch
 
 from pipeline import demo, finetune, folds, train
 from pipeline.augment import train_transform
+from pipeline.bench import CONFIGS, experiment_configs
 from pipeline.config import ExperimentConfig, load_experiment
 from pipeline.data import CachedImages, PerImage, make_loader, normalize
 from pipeline.folds import folds_path
 
-CONFIGS = Path("configs/digits")
 TARGET = 0.90
 MAX_REPS, MIN_REPS = 9, 3  # interleaved repetitions, as many as fit BUDGET_S per experiment
 MIN_SECONDS, BUDGET_S = 1.0, 60.0  # each measurement runs whole epochs for >= MIN_SECONDS
@@ -99,11 +99,13 @@ def interleaved_rates(a: Arm, b: Arm, epochs: int, reps: int) -> tuple[list[floa
     return rates_a, rates_b
 
 
-def synthetic_loader(cfg: ExperimentConfig, n_batches: int):
+def synthetic_loader(s: train.Setup, n_batches: int):
+    """`n_batches` in-memory random uint8 batches and labels, cycling through four of them."""
+    cfg = s.cfg
     gen = torch.Generator().manual_seed(0)
     shape = (cfg.train.batch_size, cfg.data.channels, cfg.image_size, cfg.image_size)
     pool = [(torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen),
-             torch.randint(0, 10, shape[:1], generator=gen)) for _ in range(4)]
+             torch.randint(0, len(s.comp.classes), shape[:1], generator=gen)) for _ in range(4)]
     data = [pool[i % len(pool)] for i in range(n_batches)]
     return lambda: data
 
@@ -126,22 +128,26 @@ def channels_last_speedup(s: train.Setup, mixer, n_batches: int, epochs: int, re
     for channels_last in (False, True):
         s_layout = with_layout(s, channels_last)
         model, optimizer = model_and_optimizer(s_layout)
-        arms.append(Arm(s_layout, model, optimizer, mixer, synthetic_loader(s.cfg, n_batches)))
+        arms.append(Arm(s_layout, model, optimizer, mixer, synthetic_loader(s, n_batches)))
         arms[-1].rate(1)  # warm-up
     nchw, nhwc = interleaved_rates(*arms, epochs, reps)
     return statistics.median(b / a for a, b in zip(nchw, nhwc))
 
 
-def per_image_ratio(path: Path) -> float:
-    """The data-path ratio with albumentations applied image by image instead of batched."""
-    cfg = load_experiment(path, ["model.pretrained=false"])
+def fold_arms(cfg: ExperimentConfig, per_image: bool = False):
+    """Fold 0's setup and rows, and its real and synthetic arms sharing one model and optimizer."""
     s, _ = setup(cfg)
     rows = np.flatnonzero(s.folds != FOLD)
     model, optimizer = model_and_optimizer(s)
     mixer = train.make_mixer(cfg, len(s.comp.classes))
-    slow = Arm(s, model, optimizer, mixer, real_loader(s, rows, per_image=True))
-    n_batches = len(slow.batches())
-    synthetic = Arm(s, model, optimizer, mixer, synthetic_loader(cfg, n_batches))
+    real = Arm(s, model, optimizer, mixer, real_loader(s, rows, per_image))
+    synthetic = Arm(s, model, optimizer, mixer, synthetic_loader(s, len(real.batches())))
+    return s, rows, real, synthetic
+
+
+def per_image_ratio(path: Path) -> float:
+    """The data-path ratio with albumentations applied image by image instead of batched."""
+    _, _, slow, synthetic = fold_arms(load_experiment(path, ["model.pretrained=false"]), True)
     slow.rate(1), synthetic.rate(1)  # warm-up
     slow_rates, synth_rates = interleaved_rates(slow, synthetic, 1, MIN_REPS)
     return statistics.median(a / b for a, b in zip(slow_rates, synth_rates))
@@ -172,13 +178,8 @@ def cold_and_warm(path: Path, rows: np.ndarray) -> dict:
 
 def bench_experiment(path: Path) -> dict:
     cfg = load_experiment(path, ["model.pretrained=false"])
-    s, _ = setup(cfg)
-    rows = np.flatnonzero(s.folds != FOLD)
-    model, optimizer = model_and_optimizer(s)
-    mixer = train.make_mixer(cfg, len(s.comp.classes))
-    real = Arm(s, model, optimizer, mixer, real_loader(s, rows))
-    n_batches = len(real.batches())
-    synthetic = Arm(s, model, optimizer, mixer, synthetic_loader(cfg, n_batches))
+    s, rows, real, synthetic = fold_arms(cfg)
+    n_batches = len(synthetic.batches())
     cache = cold_and_warm(path, rows)
 
     images = n_batches * cfg.train.batch_size
@@ -188,7 +189,7 @@ def bench_experiment(path: Path) -> dict:
     real_rates, synth_rates = interleaved_rates(real, synthetic, epochs, reps)
     ratios = [r / q for r, q in zip(real_rates, synth_rates)]
     later = images / statistics.median(real_rates)
-    nhwc = channels_last_speedup(s, mixer, min(n_batches, 6), epochs, MIN_REPS)
+    nhwc = channels_last_speedup(s, real.mixer, min(n_batches, 6), epochs, MIN_REPS)
     return dict(experiment=cfg.experiment, model=cfg.model.backbone, size=cfg.image_size,
                 side=s.images.shape[1], preset="custom" if cfg.augment.custom else cfg.augment.preset,
                 workers=cfg.train.num_workers, batch=cfg.train.batch_size, epochs=epochs, reps=reps,
@@ -204,10 +205,6 @@ def normalize_cost(x: torch.Tensor, spec) -> float:
     for _ in range(50):
         normalize(x, spec)
     return (time.perf_counter() - start) / 50 * 1e6
-
-
-def experiment_configs() -> list[Path]:
-    return [p for p in sorted(CONFIGS.glob("*.yaml")) if p.stem not in ("competition", "ensemble")]
 
 
 def ensure_demo_inputs() -> None:

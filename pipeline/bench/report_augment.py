@@ -2,7 +2,7 @@
 
 LeNet-5 (configs/digits/lenet5.yaml) is trained with `none`, `light`, `medium` and `heavy`
 at the config's epochs, folds and seed, each in its own folder (runs/digits/augment_report_*;
-the demo's runs are untouched; reruns resume). CV is the OOF accuracy of the train stage;
+the demo's runs are untouched; each trained afresh). CV is the OOF accuracy of the train stage;
 held-out is the accuracy of the fold-averaged test predictions (centre crop, no TTA) against
 the demo's solution.csv, which the pipeline never reads.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +28,9 @@ PRESETS = ("none", "light", "medium", "heavy")
 
 
 def evaluate(name: str) -> dict:
-    """Train LeNet-5 with preset `name` (resuming), then score its OOF and held-out predictions."""
+    """Train LeNet-5 with preset `name` afresh, then score its OOF and held-out predictions."""
     cfg = load_experiment(CONFIG, [f"augment.preset={name}", f"experiment=augment_report_{name}"])
+    shutil.rmtree(cfg.run_dir, ignore_errors=True)  # every number in the table from this run
     scores = train.run(cfg)
     s = train.prepare(cfg)
     _, test = predict.predict_folds(s, ["none"])

@@ -12,16 +12,12 @@ from pathlib import Path
 
 from pipeline import blend, ensemble, ensemble_report
 from pipeline.artifacts import write_text
+from pipeline.bench import experiment_configs
 from pipeline.config import load_ensemble
 from pipeline.errors import cli
 
 CONFIG = Path("configs/digits/ensemble.yaml")
 REPORT = Path("reports/ensemble.md")
-
-
-def demo_experiments(folder: Path) -> list[str]:
-    """The experiment configs the Makefile trains: every YAML but competition and ensemble."""
-    return sorted(p.stem for p in folder.glob("*.yaml") if p.stem not in ("competition", "ensemble"))
 
 
 def fmt(value: float | None) -> str:
@@ -60,7 +56,7 @@ def render(results: dict, configured: str) -> str:
 
 @cli
 def main() -> None:
-    experiments = demo_experiments(CONFIG.parent)
+    experiments = [p.stem for p in experiment_configs()]
     configured = load_ensemble(CONFIG).mode
     results = {}
     for mode in dict.fromkeys([configured, *blend.MODES, "tune"]):

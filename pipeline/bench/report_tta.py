@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +18,11 @@ import pandas as pd
 
 from pipeline import demo, folds, metrics, predict, train
 from pipeline.artifacts import write_text
+from pipeline.bench import CONFIGS
 from pipeline.config import load_experiment
 from pipeline.models import cache_size
 from pipeline.tta import VIEW_SETS
 
-CONFIGS = Path("configs/digits")
 REPORT = Path("reports/tta.md")
 VARIANTS = (("lenet5", None), ("resnet10t", None), ("lenet5", 0.875), ("resnet10t", 0.875))
 MERGES = ("mean", "geometric")
@@ -35,11 +36,13 @@ def held_out_accuracy(s: train.Setup, proba: np.ndarray, solution: Path) -> floa
 
 
 def evaluate(backbone: str, crop_pct: float | None) -> dict:
-    """Train the variant (resuming), then score every view set and merge on OOF and held-out."""
+    """Train the variant afresh, then score every view set and merge on OOF and held-out."""
     name = f"tta_report_{backbone}" + (f"_crop{crop_pct:g}" if crop_pct else "")
     base = [f"experiment={name}"] + ([f"model.crop_pct={crop_pct}"] if crop_pct else [])
     path = CONFIGS / f"{backbone}.yaml"
-    cv = train.run(load_experiment(path, base))["cv"]
+    cfg = load_experiment(path, base)
+    shutil.rmtree(cfg.run_dir, ignore_errors=True)  # every number in the table from this run
+    cv = train.run(cfg)["cv"]
     cells = {}
     for merge in MERGES:
         s = train.prepare(load_experiment(path, base + [f"tta.merge={merge}"]))

@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import tta
+from pipeline.bench import experiment_configs
 from pipeline.config import load_experiment
 from pipeline.data import normalize, to_memory_format
 from pipeline.models import cache_size, create_model, input_spec
 
-CONFIGS = Path("configs/digits")
 TARGET = 0.90
 MIN_REPS, MAX_REPS, BATCHES, WARMUP = 3, 15, 2, 2
 BUDGET_S = 45.0  # per experiment, after the warm-up
@@ -83,9 +83,7 @@ def main() -> list[dict]:
           f"(CPU: {os.cpu_count()} cores, load average {load}, torch {torch.get_num_threads()} "
           f"threads)")
     results = []
-    for path in sorted(CONFIGS.glob("*.yaml")):
-        if path.stem in ("competition", "ensemble"):
-            continue
+    for path in experiment_configs():
         r = bench_experiment(path)
         verdict = "ok" if r["ratio"] >= TARGET else "BELOW TARGET"
         print(f"  {r['experiment']:<12} {r['side']}->{r['size']} px  plain {r['images_s']:9.0f} "

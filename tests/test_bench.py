@@ -1,0 +1,31 @@
+"""The benchmarks run end to end on a tiny competition and report sane ratios (not timed)."""
+import pytest
+
+from conftest import EXPERIMENT, write_yaml
+from pipeline import folds
+from pipeline.bench import data_path, tta
+
+
+@pytest.fixture
+def experiment(tiny, monkeypatch):
+    monkeypatch.setattr(data_path, "MIN_SECONDS", 0.0)
+    monkeypatch.setattr(data_path, "BUDGET_S", 0.0)
+    monkeypatch.setattr(tta, "BUDGET_S", 0.0)
+    path = tiny / "configs/tiny/exp.yaml"
+    write_yaml(path, EXPERIMENT)
+    folds.main(["configs/tiny/competition.yaml"])
+    return path
+
+
+def test_data_path_bench_measures_both_arms_and_the_cache(experiment):
+    r = data_path.bench_experiment(experiment)
+    assert (r["experiment"], r["side"], r["preset"], r["reps"]) == ("exp", 16, "light", data_path.MIN_REPS)
+    assert r["real"] > 0 and r["synthetic"] > 0 and r["ratio"] > 0
+    assert r["first_epoch_s"] >= r["cache_build_s"] > 0 and r["nhwc_speedup"] > 0
+    assert 0 < data_path.per_image_ratio(experiment)
+
+
+def test_tta_bench_compares_ten_crop_views_with_plain_images(experiment):
+    r = tta.bench_experiment(experiment)
+    assert (r["side"], r["size"], r["reps"]) == (16, 16, tta.MIN_REPS)
+    assert r["images_s"] > 0 and r["views_s"] > 0 and r["ratio"] > 0
