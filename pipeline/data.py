@@ -9,9 +9,12 @@ workers.
 """
 from __future__ import annotations
 
+import ctypes
 import queue
 import threading
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import albumentations as A
 import cv2
@@ -93,19 +96,20 @@ class CachedImages(Dataset):
 
 
 class EpochBatches(Sampler):
-    """Keys of one epoch's batches: shuffled by `seed` (fixed per loader), tagged with the epoch."""
+    """Keys of one epoch's batches: shuffled by `seed` (fixed per loader), tagged with the
+    dataset's epoch when the sampler was made (so a loader made ahead keeps its own epoch)."""
 
     def __init__(self, dataset: CachedImages, batch_size: int, shuffle: bool, seed: int,
                  drop_last: bool):
         self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
-        self.seed, self.drop_last = seed, drop_last
+        self.seed, self.drop_last, self.epoch = seed, drop_last, dataset.epoch
 
     def __len__(self) -> int:
         n = len(self.dataset)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self):
-        n, epoch = len(self.dataset), self.dataset.epoch
+        n, epoch = len(self.dataset), self.epoch
         order = seeded(self.seed, epoch).permutation(n) if self.shuffle else np.arange(n)
         size = self.batch_size
         for number in range(len(self)):
@@ -118,55 +122,120 @@ def worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
+def _one_openmp_thread() -> None:
+    """Run this thread's torch ops on one OpenMP thread, touching nothing process-wide.
+
+    `torch.set_num_threads` also sets MKL's process-wide thread count, which would change
+    the model's arithmetic in the main thread at timing-dependent moments (so results would
+    depend on timing); and a second multi-threaded OpenMP team makes libgomp throttle the
+    model's team. OpenMP's own per-thread setting, in the libgomp torch ships (Linux wheels),
+    does neither; elsewhere this thread keeps the default.
+    """
+    gomp = Path(torch.__file__).parent / "lib" / "libgomp.so.1"
+    if gomp.is_file():
+        ctypes.CDLL(str(gomp)).omp_set_num_threads(1)
+
+
 class Prefetched:
     """Iterates a loader in a background thread, `depth` batches ahead of the consumer.
 
     Torch ops release the GIL, so the next batch is gathered and augmented while the model
-    trains on this one. The thread runs its ops single-threaded so it does not fight the
-    model's intra-op threads.
+    trains on this one. The thread leaves torch's thread settings alone: they are partly
+    process-wide (MKL), so changing them here would change the model's arithmetic mid-epoch
+    at timing-dependent moments, and with it the results. `then`, another Prefetched, starts as soon as this one's last
+    batch is made: the next epoch's first batches are ready when it begins. `close` stops a
+    loader that will not be consumed.
     """
 
     def __init__(self, loader: DataLoader, depth: int = 2):
         self.loader, self.depth = loader, depth
+        self.then: Prefetched | None = None
+        self._thread: threading.Thread | None = None
 
     def __len__(self) -> int:
         return len(self.loader)
 
-    def __iter__(self):
-        q: queue.Queue = queue.Queue(self.depth)
-        stop = threading.Event()
-        threads = torch.get_num_threads()
+    def start(self) -> None:
+        """Start making batches now (iterating starts it otherwise); no-op when running."""
+        if self._thread is not None:
+            return
+        self._queue: queue.Queue = queue.Queue(self.depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, name="prefetch", daemon=True)
+        self._thread.start()
 
-        def produce() -> None:
-            torch.set_num_threads(1)  # this thread's pool; restored below for threads made later
+    def _produce(self) -> None:
+        _one_openmp_thread()
+        try:
+            for item in self.loader:
+                if self._stop.is_set():
+                    return
+                self._queue.put((item, None))
+            self._queue.put((None, None))
+        except BaseException as err:  # handed to the consumer, raised there
+            self._queue.put((None, err))
+        if self.then is not None:
+            self.then.start()
+
+    def close(self) -> None:
+        """Stop the thread, if any, and forget it (iterating again starts afresh)."""
+        if self._thread is None:
+            return
+        self._stop.set()
+        while self._thread.is_alive():  # unblock a producer waiting on a full queue
             try:
-                for item in self.loader:
-                    if stop.is_set():
-                        return
-                    q.put((item, None))
-                q.put((None, None))
-            except BaseException as err:  # handed to the consumer, raised there
-                q.put((None, err))
-            finally:
-                torch.set_num_threads(threads)
+                self._queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self._thread = None
 
-        thread = threading.Thread(target=produce, name="prefetch", daemon=True)
-        thread.start()
+    def __iter__(self):
+        self.start()
         try:
             while True:
-                item, err = q.get()
+                item, err = self._queue.get()
                 if err is not None:
                     raise err
                 if item is None:
                     return
                 yield item
         finally:
-            stop.set()
-            while thread.is_alive():  # unblock a producer waiting on a full queue
-                try:
-                    q.get(timeout=0.05)
-                except queue.Empty:
-                    pass
+            self.close()
+
+
+class EpochLoaders:
+    """Per-epoch loaders, each made one epoch ahead: with background-thread loaders the next
+    epoch's first batches are made as soon as this epoch's last one is, so no epoch starts
+    by waiting. Use as a context manager; a loader made for an epoch that never comes
+    (early stopping, the end) is stopped."""
+
+    def __init__(self, make: Callable[[int], DataLoader | Prefetched], n_epochs: int):
+        self.make, self.n_epochs = make, n_epochs
+        self.ahead: tuple[int, DataLoader | Prefetched] | None = None
+
+    def get(self, epoch: int) -> DataLoader | Prefetched:
+        if self.ahead is not None and self.ahead[0] == epoch:
+            loader = self.ahead[1]
+        else:
+            self.close()
+            loader = self.make(epoch)
+        self.ahead = None
+        if epoch + 1 < self.n_epochs:
+            self.ahead = (epoch + 1, self.make(epoch + 1))
+            if isinstance(loader, Prefetched) and isinstance(self.ahead[1], Prefetched):
+                loader.then = self.ahead[1]
+        return loader
+
+    def close(self) -> None:
+        if self.ahead is not None and isinstance(self.ahead[1], Prefetched):
+            self.ahead[1].close()
+        self.ahead = None
+
+    def __enter__(self) -> EpochLoaders:
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()
 
 
 def make_loader(dataset: CachedImages, batch_size: int, shuffle: bool, num_workers: int,
@@ -179,7 +248,10 @@ def make_loader(dataset: CachedImages, batch_size: int, shuffle: bool, num_worke
     loader = DataLoader(dataset, batch_size=None,
                         sampler=EpochBatches(dataset, batch_size, shuffle, seed, drop_last),
                         num_workers=num_workers, worker_init_fn=worker_init,
-                        prefetch_factor=4 if num_workers else None)
+                        prefetch_factor=4 if num_workers else None,
+                        # its own generator: starting an epoch, possibly in a background thread,
+                        # must not draw from the global RNG the model's dropout and mixup use
+                        generator=torch.Generator().manual_seed(seed))
     return loader if num_workers else Prefetched(loader)
 
 

@@ -28,7 +28,8 @@ from pipeline.artifacts import atomic_path, file_hash, write_csv, write_json, wr
 from pipeline.augment import eval_transform, mixer, train_transform
 from pipeline.competition import Competition, load_competition_data
 from pipeline.config import ExperimentConfig, config_hash, load_experiment
-from pipeline.data import CachedImages, make_loader, normalize, to_memory_format
+from pipeline.data import (CachedImages, EpochLoaders, make_loader, normalize,
+                           to_memory_format)
 from pipeline.errors import UserError, cli, stage_args
 from pipeline.folds import folds_path, read_folds
 from pipeline.images import image_cache
@@ -198,51 +199,55 @@ def train_fold(s: Setup, fold: int, fold_dir: Path, stop_after_epochs: int | Non
               file=sys.stderr)
     log = pd.read_csv(log_path).to_dict("records") if state["step"] and log_path.is_file() else []
 
-    done_epochs = 0
-    while state["stage"] < len(plan):
-        si, stage = state["stage"], plan[state["stage"]]
-        first_trainable = len(groups) - stage.trainable
-        if stop_after_epochs is not None and done_epochs >= stop_after_epochs:
-            return
-        frozen = finetune.apply_freeze(model, groups, stage.trainable)
-        total, warmup = stage.epochs * n_steps, int(cfg.finetune.warmup_epochs * n_steps)
-        epoch = state["epoch"]
-        global_epoch = sum(st.epochs for st in plan[:si]) + epoch
-        started = time.perf_counter()
-        seed = epoch_seed(cfg.seed, fold, global_epoch)
-        seed_everything(seed)
+    def epoch_loader(global_epoch: int):
         train_ds.set_epoch(global_epoch)
-        loader = make_loader(train_ds, tc.batch_size, True, tc.num_workers, seed,
-                             drop_last=len(train_rows) >= tc.batch_size)
-        model.train()
-        if cfg.finetune.bn == "frozen":
-            finetune.freeze_batchnorm(model, frozen)
-        desc = f"fold {fold} stage {si} epoch {epoch + 1}/{stage.epochs}"
-        factors = [finetune.schedule_factor(epoch * n_steps + i, total, warmup,
-                                            cfg.finetune.schedule) for i in range(n_steps)]
-        loss, epoch_lrs = train_epoch(s, model, loader, optimizer, factors, first_trainable,
-                                      ema, mix, state, desc)
-        eval_model = ema.module if ema is not None else model
-        proba = predict_proba(eval_model, val_loader, s.spec)
-        val_score = metrics.score(cfg.metric, y_val, proba)
-        log.append(dict(epoch=global_epoch, stage=si, stage_epoch=epoch,
-                        trainable_groups=stage.trainable, train_loss=loss,
-                        val_loss=metrics.score("log_loss", y_val, proba), val_metric=val_score,
-                        **epoch_lrs, seconds=round(time.perf_counter() - started, 2)))
-        print(f"{desc}: train loss {loss:.4f}, val {cfg.metric} {val_score:.4f}", file=sys.stderr)
-        if metrics.better(cfg.metric, val_score, state["best"]):
-            state.update(best=val_score, bad_epochs=0)
-            _save_weights(fold_dir / "best.safetensors", eval_model)
-        else:
-            state["bad_epochs"] += 1
-        state["epoch"] = epoch + 1
-        if state["epoch"] >= stage.epochs or (tc.patience and state["bad_epochs"] >= tc.patience):
-            state.update(stage=si + 1, epoch=0, bad_epochs=0)
-        write_csv(pd.DataFrame(log), log_path)
-        _save_last(last, dict(tag=s.tag, model=model.state_dict(), state=dict(state),
-                              optimizer=optimizer.state_dict(),
-                              ema=ema.state_dict() if ema is not None else {}))
-        done_epochs += 1
+        return make_loader(train_ds, tc.batch_size, True, tc.num_workers,
+                           epoch_seed(cfg.seed, fold, global_epoch),
+                           drop_last=len(train_rows) >= tc.batch_size)
+
+    done_epochs = 0
+    with EpochLoaders(epoch_loader, sum(st.epochs for st in plan)) as loaders:
+        while state["stage"] < len(plan):
+            si, stage = state["stage"], plan[state["stage"]]
+            first_trainable = len(groups) - stage.trainable
+            if stop_after_epochs is not None and done_epochs >= stop_after_epochs:
+                break
+            frozen = finetune.apply_freeze(model, groups, stage.trainable)
+            total, warmup = stage.epochs * n_steps, int(cfg.finetune.warmup_epochs * n_steps)
+            epoch = state["epoch"]
+            global_epoch = sum(st.epochs for st in plan[:si]) + epoch
+            started = time.perf_counter()
+            seed_everything(epoch_seed(cfg.seed, fold, global_epoch))
+            loader = loaders.get(global_epoch)
+            model.train()
+            if cfg.finetune.bn == "frozen":
+                finetune.freeze_batchnorm(model, frozen)
+            desc = f"fold {fold} stage {si} epoch {epoch + 1}/{stage.epochs}"
+            factors = [finetune.schedule_factor(epoch * n_steps + i, total, warmup,
+                                                cfg.finetune.schedule) for i in range(n_steps)]
+            loss, epoch_lrs = train_epoch(s, model, loader, optimizer, factors, first_trainable,
+                                          ema, mix, state, desc)
+            eval_model = ema.module if ema is not None else model
+            proba = predict_proba(eval_model, val_loader, s.spec)
+            val_score = metrics.score(cfg.metric, y_val, proba)
+            log.append(dict(epoch=global_epoch, stage=si, stage_epoch=epoch,
+                            trainable_groups=stage.trainable, train_loss=loss,
+                            val_loss=metrics.score("log_loss", y_val, proba), val_metric=val_score,
+                            **epoch_lrs, seconds=round(time.perf_counter() - started, 2)))
+            print(f"{desc}: train loss {loss:.4f}, val {cfg.metric} {val_score:.4f}", file=sys.stderr)
+            if metrics.better(cfg.metric, val_score, state["best"]):
+                state.update(best=val_score, bad_epochs=0)
+                _save_weights(fold_dir / "best.safetensors", eval_model)
+            else:
+                state["bad_epochs"] += 1
+            state["epoch"] = epoch + 1
+            if state["epoch"] >= stage.epochs or (tc.patience and state["bad_epochs"] >= tc.patience):
+                state.update(stage=si + 1, epoch=0, bad_epochs=0)
+            write_csv(pd.DataFrame(log), log_path)
+            _save_last(last, dict(tag=s.tag, model=model.state_dict(), state=dict(state),
+                                  optimizer=optimizer.state_dict(),
+                                  ema=ema.state_dict() if ema is not None else {}))
+            done_epochs += 1
 
 
 def load_fold_model(s: Setup, fold_dir: Path) -> torch.nn.Module:

@@ -14,7 +14,7 @@ from conftest import write_yaml
 from pipeline import folds, predict, train
 from pipeline.augment import train_transform
 from pipeline.config import AugmentConfig, load_experiment
-from pipeline.data import CachedImages, channel_stats, make_loader, normalize
+from pipeline.data import CachedImages, EpochLoaders, channel_stats, make_loader, normalize
 from pipeline.models import InputSpec
 
 SPEC = InputSpec((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 1.0)
@@ -68,6 +68,34 @@ class _Failing(CachedImages):
         if number == 2:
             raise ValueError("broken batch 2")
         return super().batch(positions, epoch, number)
+
+
+def test_loaders_made_an_epoch_ahead_give_the_same_batches_and_unused_ones_stop():
+    ds = CachedImages(_images(), np.arange(20), np.arange(20),
+                      train_transform(AugmentConfig(preset="heavy"), 12, seed=0), seed=3)
+
+    def loader(epoch: int):
+        ds.set_epoch(epoch)
+        return make_loader(ds, 6, True, 0, 100 + epoch)
+
+    def tensors(batches):
+        return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+
+    fresh = [tensors(list(loader(e))) for e in range(3)]
+    with EpochLoaders(loader, 3) as loaders:
+        ahead = [tensors(list(loaders.get(e))) for e in range(3)]
+        assert loaders.ahead is None  # nothing is made beyond the last epoch
+    for (x, y), (x_ahead, y_ahead) in zip(fresh, ahead):
+        assert torch.equal(x, x_ahead) and torch.equal(y, y_ahead)
+    assert not torch.equal(fresh[0][0], fresh[1][0])
+
+    with EpochLoaders(loader, 3) as loaders:
+        list(loaders.get(0))  # its last batch starts epoch 1's loader
+        skipped = loaders.ahead[1]
+        thread = skipped._thread
+        assert thread is not None and thread.is_alive()  # two batches made, waiting
+        assert torch.equal(tensors(list(loaders.get(2)))[0], fresh[2][0])  # as early stopping does
+        assert not thread.is_alive() and skipped._thread is None
 
 
 def test_background_batches_pass_errors_on_and_stop_cleanly():

@@ -36,7 +36,7 @@ from pipeline import demo, finetune, folds, train
 from pipeline.augment import train_transform
 from pipeline.bench import CONFIGS, experiment_configs
 from pipeline.config import ExperimentConfig, load_experiment
-from pipeline.data import CachedImages, PerImage, make_loader, normalize
+from pipeline.data import CachedImages, EpochLoaders, PerImage, make_loader, normalize
 from pipeline.folds import folds_path
 
 TARGET = 0.90
@@ -69,7 +69,7 @@ class Arm:
 
 
 def real_loader(s: train.Setup, rows: np.ndarray, per_image: bool = False):
-    """Fold 0's training loader, built as `train_fold` builds it, one new epoch per call.
+    """Fold 0's training loaders, made as `train_fold` makes them, one new epoch per call.
 
     `per_image` swaps the batched augmentation for albumentations image by image (the path
     custom lists with unbatched transforms take), to show what batching buys.
@@ -79,14 +79,13 @@ def real_loader(s: train.Setup, rows: np.ndarray, per_image: bool = False):
     ds = CachedImages(s.images, rows, s.labels[rows], compose, cfg.seed + FOLD)
     if per_image:
         ds.augment = PerImage(compose)
-    epoch = iter(range(10**9))
 
-    def batches():
-        e = next(epoch)
+    def loader(e: int):
         ds.set_epoch(e)
         return make_loader(ds, tc.batch_size, True, tc.num_workers,
                            train.epoch_seed(cfg.seed, FOLD, e), drop_last=len(rows) >= tc.batch_size)
-    return batches
+    loaders, epoch = EpochLoaders(loader, 10**9), iter(range(10**9))
+    return lambda: loaders.get(next(epoch))
 
 
 def interleaved_rates(a: Arm, b: Arm, epochs: int, reps: int) -> tuple[list[float], list[float]]:
