@@ -88,8 +88,8 @@ def render(results: list[dict], n_train: int, n_test: int, n_folds: int) -> str:
         "unaugmented run, which fits the training set sooner. The comparison is at equal epochs, "
         "as trained by the demo config, not at each preset's best epoch count.",
         "- The batched data path runs the same albumentations pipelines a batch at a time "
-        "(`pipeline/batch_augment.py`), so the augmentation cost is small next to the step "
-        "(`make bench`).",
+        "(`pipeline/batch_augment.py`); `make bench` measures what it costs each demo model's "
+        "training step (the most for LeNet-5, whose step is the cheapest).",
         "",
     ]
     return "\n".join(lines)
