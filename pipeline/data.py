@@ -140,11 +140,10 @@ class Prefetched:
     """Iterates a loader in a background thread, `depth` batches ahead of the consumer.
 
     Torch ops release the GIL, so the next batch is gathered and augmented while the model
-    trains on this one. The thread leaves torch's thread settings alone: they are partly
-    process-wide (MKL), so changing them here would change the model's arithmetic mid-epoch
-    at timing-dependent moments, and with it the results. `then`, another Prefetched, starts as soon as this one's last
-    batch is made: the next epoch's first batches are ready when it begins. `close` stops a
-    loader that will not be consumed.
+    trains on this one; the thread's ops run on one OpenMP thread (`_one_openmp_thread`).
+    `then`, another Prefetched, starts as soon as this one's last batch is made, so the next
+    epoch's first batches are ready when it begins. `close` stops a loader that will not be
+    consumed.
     """
 
     def __init__(self, loader: DataLoader, depth: int = 2):
