@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import EXPERIMENT, write_yaml
+from conftest import write_yaml
 from pipeline import ensemble, folds, train
 
 

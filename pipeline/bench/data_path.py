@@ -32,12 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import demo, finetune, folds, train
+from pipeline import finetune, train
 from pipeline.augment import train_transform
-from pipeline.bench import CONFIGS, experiment_configs
+from pipeline.bench import CONFIGS, ensure_demo_inputs, experiment_configs
 from pipeline.config import ExperimentConfig, load_experiment
 from pipeline.data import CachedImages, EpochLoaders, PerImage, make_loader, normalize
-from pipeline.folds import folds_path
 
 TARGET = 0.90
 MAX_REPS, MIN_REPS = 9, 3  # interleaved repetitions, as many as fit BUDGET_S per experiment
@@ -204,12 +203,6 @@ def normalize_cost(x: torch.Tensor, spec) -> float:
     for _ in range(50):
         normalize(x, spec)
     return (time.perf_counter() - start) / 50 * 1e6
-
-
-def ensure_demo_inputs() -> None:
-    demo.build()
-    if not folds_path("digits").is_file():
-        folds.main([str(CONFIGS / "competition.yaml")])
 
 
 def machine() -> str:

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import datetime
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from pipeline import demo, folds, predict, train
+from pipeline import demo, predict, train
 from pipeline.artifacts import write_text
 from pipeline.augment import preset
+from pipeline.bench import ensure_demo_inputs, train_afresh
 from pipeline.bench.report_tta import held_out_accuracy
 from pipeline.config import load_experiment
 
@@ -30,8 +30,7 @@ PRESETS = ("none", "light", "medium", "heavy")
 def evaluate(name: str) -> dict:
     """Train LeNet-5 with preset `name` afresh, then score its OOF and held-out predictions."""
     cfg = load_experiment(CONFIG, [f"augment.preset={name}", f"experiment=augment_report_{name}"])
-    shutil.rmtree(cfg.run_dir, ignore_errors=True)  # every number in the table from this run
-    scores = train.run(cfg)
+    scores = train_afresh(cfg)
     s = train.prepare(cfg)
     _, test = predict.predict_folds(s, ["none"])
     steps = [type(t).__name__
@@ -96,10 +95,8 @@ def render(results: list[dict], n_train: int, n_test: int, n_folds: int) -> str:
 
 
 def main() -> None:
-    demo.build()
+    ensure_demo_inputs()
     cfg = load_experiment(CONFIG)
-    if not folds.folds_path(cfg.name).is_file():
-        folds.main([str(CONFIG.parent / "competition.yaml")])
     results = [evaluate(name) for name in PRESETS]
     n_train = len(pd.read_csv(cfg.data.path("train_csv")))
     n_test = len(pd.read_csv(cfg.data.path("sample_submission")))

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import datetime
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 
-from pipeline import demo, folds, train, weights
+from pipeline import weights
 from pipeline.artifacts import write_text
+from pipeline.bench import ensure_demo_inputs, train_afresh
 from pipeline.config import ExperimentConfig, load_experiment
 
 CONFIG = Path("configs/digits/lite0.yaml")
@@ -43,9 +43,8 @@ def variants() -> list[tuple[str, str, list[str]]]:
 
 def evaluate(experiment: str, overrides: list[str]) -> dict:
     cfg = load_experiment(CONFIG, [f"experiment={experiment}", *overrides])
-    shutil.rmtree(cfg.run_dir, ignore_errors=True)  # every number in the table from this run
     started = time.perf_counter()
-    scores = train.run(cfg)
+    scores = train_afresh(cfg)
     minutes = (time.perf_counter() - started) / 60
     logs = [pd.read_csv(cfg.run_dir / f"fold{k}" / "log.csv") for k in range(cfg.folds.n_splits)]
     first = sum(log["val_metric"].iloc[0] for log in logs) / len(logs)
@@ -90,10 +89,8 @@ def render(rows: list[tuple[str, dict]], n_train: int) -> str:
 
 
 def main() -> None:
-    demo.build()
+    ensure_demo_inputs()
     base = load_experiment(CONFIG)
-    if not folds.folds_path(base.name).is_file():
-        folds.main([str(CONFIG.parent / "competition.yaml")])
     if not Path(str(base.model.pretrained)).is_file():
         weights.convert_file(Path(str(base.model.pretrained)))
     rows = []

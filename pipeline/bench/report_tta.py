@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import datetime
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from pipeline import demo, folds, metrics, predict, train
+from pipeline import demo, metrics, predict, train
 from pipeline.artifacts import write_text
-from pipeline.bench import CONFIGS
+from pipeline.bench import CONFIGS, ensure_demo_inputs, train_afresh
 from pipeline.config import load_experiment
 from pipeline.models import cache_size
 from pipeline.tta import VIEW_SETS
@@ -40,9 +39,7 @@ def evaluate(backbone: str, crop_pct: float | None) -> dict:
     name = f"tta_report_{backbone}" + (f"_crop{crop_pct:g}" if crop_pct else "")
     base = [f"experiment={name}"] + ([f"model.crop_pct={crop_pct}"] if crop_pct else [])
     path = CONFIGS / f"{backbone}.yaml"
-    cfg = load_experiment(path, base)
-    shutil.rmtree(cfg.run_dir, ignore_errors=True)  # every number in the table from this run
-    cv = train.run(cfg)["cv"]
+    cv = train_afresh(load_experiment(path, base))["cv"]
     cells = {}
     for merge in MERGES:
         s = train.prepare(load_experiment(path, base + [f"tta.merge={merge}"]))
@@ -122,10 +119,8 @@ def render(results: list[dict], n_train: int, n_test: int, n_folds: int) -> str:
 
 
 def main() -> None:
-    demo.build()
+    ensure_demo_inputs()
     comp = load_experiment(CONFIGS / "lenet5.yaml")
-    if not folds.folds_path(comp.name).is_file():
-        folds.main([str(CONFIGS / "competition.yaml")])
     results = [evaluate(backbone, crop_pct) for backbone, crop_pct in VARIANTS]
     n_train = len(pd.read_csv(comp.data.path("train_csv")))
     n_test = len(pd.read_csv(comp.data.path("sample_submission")))
