@@ -122,6 +122,21 @@ def make_mixer(cfg: ExperimentConfig, n_classes: int) -> Mixup | None:
     return mixer(cfg.augment, n_classes, cfg.train.label_smoothing, cfg.train.batch_size)
 
 
+def train_dataset(s: Setup, fold: int, rows: np.ndarray) -> CachedImages:
+    """The fold's training rows with the experiment's augmentation, seeded per fold."""
+    cfg = s.cfg
+    return CachedImages(s.images, rows, s.labels[rows],
+                        train_transform(cfg.augment, cfg.image_size, cfg.seed), cfg.seed + fold)
+
+
+def epoch_loader(s: Setup, dataset: CachedImages, fold: int, epoch: int):
+    """`dataset`'s shuffled batches for one epoch (full batches only, unless data < one batch)."""
+    tc = s.cfg.train
+    dataset.set_epoch(epoch)
+    return make_loader(dataset, tc.batch_size, True, tc.num_workers,
+                       epoch_seed(s.cfg.seed, fold, epoch), drop_last=len(dataset) >= tc.batch_size)
+
+
 def train_epoch(s: Setup, model, loader, optimizer, lr_factors: list[float], first_trainable: int,
                 ema, mix, state: dict, desc: str) -> tuple[float, dict[str, float]]:
     """One pass over `loader`, batch i at schedule factor `lr_factors[i]` (frozen groups at 0).
@@ -185,8 +200,7 @@ def train_fold(s: Setup, fold: int, fold_dir: Path, stop_after_epochs: int | Non
     optimizer = torch.optim.AdamW(finetune.param_groups(model, groups, lrs, tc.weight_decay))
     ema = ModelEmaV3(model, decay=tc.ema_decay) if tc.ema_decay else None
     mix = make_mixer(cfg, len(s.comp.classes))
-    train_ds = CachedImages(s.images, train_rows, s.labels[train_rows],
-                            train_transform(cfg.augment, cfg.image_size, cfg.seed), cfg.seed + fold)
+    train_ds = train_dataset(s, fold, train_rows)
     val_loader = eval_loader(s, val_rows)
     y_val = s.labels[val_rows]
     n_steps = steps_per_epoch(len(train_rows), tc.batch_size)
@@ -199,14 +213,9 @@ def train_fold(s: Setup, fold: int, fold_dir: Path, stop_after_epochs: int | Non
               file=sys.stderr)
     log = pd.read_csv(log_path).to_dict("records") if state["step"] and log_path.is_file() else []
 
-    def epoch_loader(global_epoch: int):
-        train_ds.set_epoch(global_epoch)
-        return make_loader(train_ds, tc.batch_size, True, tc.num_workers,
-                           epoch_seed(cfg.seed, fold, global_epoch),
-                           drop_last=len(train_rows) >= tc.batch_size)
-
     done_epochs = 0
-    with EpochLoaders(epoch_loader, sum(st.epochs for st in plan)) as loaders:
+    with EpochLoaders(lambda e: epoch_loader(s, train_ds, fold, e),
+                      sum(st.epochs for st in plan)) as loaders:
         while state["stage"] < len(plan):
             si, stage = state["stage"], plan[state["stage"]]
             first_trainable = len(groups) - stage.trainable
@@ -293,19 +302,19 @@ def run(cfg: ExperimentConfig, only: list[int] | None = None) -> dict | None:
     run_dir = cfg.run_dir
     reset_if_stale(run_dir, s.tag)
     write_text(cfg.model_dump_json(indent=2) + "\n", run_dir / "config.json")
+    done = [run_dir / f"fold{k}" / "oof.csv" for k in range(n_splits)]
     for fold in sorted(set(only)) if only else range(n_splits):
-        fold_dir = run_dir / f"fold{fold}"
-        if not (fold_dir / "oof.csv").is_file():
-            train_fold(s, fold, fold_dir)
-            write_csv(fold_oof(s, fold, fold_dir), fold_dir / "oof.csv")
-    missing = [k for k in range(n_splits) if not (run_dir / f"fold{k}" / "oof.csv").is_file()]
+        if not done[fold].is_file():
+            train_fold(s, fold, done[fold].parent)
+            write_csv(fold_oof(s, fold, done[fold].parent), done[fold])
+    missing = [k for k in range(n_splits) if not done[k].is_file()]
     if missing:
         print(f"{cfg.experiment}: folds {', '.join(map(str, missing))} still to train; oof.csv and "
               f"scores.json follow once they are done", file=sys.stderr)
         return None
     frames, per_fold = [], {}
     for fold in range(n_splits):
-        df = pd.read_csv(run_dir / f"fold{fold}" / "oof.csv", dtype={"id": str}, keep_default_na=False)
+        df = pd.read_csv(done[fold], dtype={"id": str}, keep_default_na=False)
         y = s.labels[np.flatnonzero(s.folds == fold)]
         per_fold[fold] = metrics.score(cfg.metric, y, df[list(s.comp.classes)].to_numpy())
         frames.append(df)

@@ -36,7 +36,7 @@ from pipeline import finetune, train
 from pipeline.augment import train_transform
 from pipeline.bench import CONFIGS, ensure_demo_inputs, experiment_configs
 from pipeline.config import ExperimentConfig, load_experiment
-from pipeline.data import CachedImages, EpochLoaders, PerImage, make_loader, normalize
+from pipeline.data import EpochLoaders, PerImage, normalize
 
 TARGET = 0.90
 MAX_REPS, MIN_REPS = 9, 3  # interleaved repetitions, as many as fit BUDGET_S per experiment
@@ -73,17 +73,11 @@ def real_loader(s: train.Setup, rows: np.ndarray, per_image: bool = False):
     `per_image` swaps the batched augmentation for albumentations image by image (the path
     custom lists with unbatched transforms take), to show what batching buys.
     """
-    cfg, tc = s.cfg, s.cfg.train
-    compose = train_transform(cfg.augment, cfg.image_size, cfg.seed)
-    ds = CachedImages(s.images, rows, s.labels[rows], compose, cfg.seed + FOLD)
+    ds = train.train_dataset(s, FOLD, rows)
     if per_image:
-        ds.augment = PerImage(compose)
-
-    def loader(e: int):
-        ds.set_epoch(e)
-        return make_loader(ds, tc.batch_size, True, tc.num_workers,
-                           train.epoch_seed(cfg.seed, FOLD, e), drop_last=len(rows) >= tc.batch_size)
-    loaders, epoch = EpochLoaders(loader, 10**9), iter(range(10**9))
+        ds.augment = PerImage(train_transform(s.cfg.augment, s.cfg.image_size, s.cfg.seed))
+    loaders = EpochLoaders(lambda e: train.epoch_loader(s, ds, FOLD, e), 10**9)
+    epoch = iter(range(10**9))
     return lambda: loaders.get(next(epoch))
 
 
