@@ -89,12 +89,6 @@ def blend_by_fold(probas: np.ndarray, folds: np.ndarray, weights: dict, modes: d
     return out
 
 
-def fold_scores(metric: str, y: np.ndarray, folds: np.ndarray, proba: np.ndarray) -> dict:
-    """{fold: metric on that fold's rows}."""
-    return {int(f): metrics.score(metric, y[folds == f], proba[folds == f])
-            for f in np.unique(folds)}
-
-
 def new_study(metric: str, seed: int | None, storage=None, study_name: str | None = None):
     """A study in the metric's direction, sampled by multivariate TPE seeded with `seed`.
 
@@ -167,5 +161,5 @@ def nested_cv(probas: np.ndarray, y: np.ndarray, folds: np.ndarray, metric: str,
                      new_study(metric, seed + int(f)), folds[rows])
         weights[int(f)], chosen[int(f)] = tuned.weights, tuned.mode
     held_out = blend_by_fold(probas, folds, weights, chosen)
-    return Nested(metrics.score(metric, y, held_out), fold_scores(metric, y, folds, held_out),
+    return Nested(metrics.score(metric, y, held_out), metrics.fold_scores(metric, y, folds, held_out),
                   weights, chosen, held_out)

@@ -224,9 +224,9 @@ def evaluate(cfg: EnsembleConfig, data: Inputs, study: optuna.Study) -> dict:
         return dict(zip(data.names, np.asarray(w).tolist()))
 
     single = {n: metrics.score(metric, y, p) for n, p in zip(data.names, oof)}
-    per_fold = {n: blend.fold_scores(metric, y, folds, p) for n, p in zip(data.names, oof)}
-    per_fold["equal weights"] = blend.fold_scores(metric, y, folds, equal_oof)
-    per_fold["in-sample tuned"] = blend.fold_scores(
+    per_fold = {n: metrics.fold_scores(metric, y, folds, p) for n, p in zip(data.names, oof)}
+    per_fold["equal weights"] = metrics.fold_scores(metric, y, folds, equal_oof)
+    per_fold["in-sample tuned"] = metrics.fold_scores(
         metric, y, folds, blend.blend(oof, tuned.weights, tuned.mode, folds))
     if nested:
         per_fold["nested-CV tuned"] = nested.per_fold

@@ -52,3 +52,8 @@ def best_key(metric: str, scores: dict) -> str:
 
 def worst(metric: str) -> float:
     return -np.inf if HIGHER_IS_BETTER[metric] else np.inf
+
+
+def fold_scores(metric: str, y: np.ndarray, folds: np.ndarray, proba: np.ndarray) -> dict:
+    """{fold: metric on that fold's rows}."""
+    return {int(f): score(metric, y[folds == f], proba[folds == f]) for f in np.unique(folds)}

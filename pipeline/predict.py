@@ -108,10 +108,7 @@ def run(cfg: ExperimentConfig) -> dict:
     oof, test = predict_folds(s, candidates)
     tta_scores = {v: metrics.score(cfg.metric, s.labels, oof[v]) for v in candidates}
     best = best_view_set(cfg.metric, tta_scores)
-    per_fold_tta = {}
-    for fold in range(cfg.folds.n_splits):
-        rows = np.flatnonzero(s.folds == fold)
-        per_fold_tta[str(fold)] = metrics.score(cfg.metric, s.labels[rows], oof[best][rows])
+    per_fold_tta = metrics.fold_scores(cfg.metric, s.labels, s.folds, oof[best])
     write_csv(proba_frame(s.comp.train["id"], s.folds, oof[best], s.comp.classes),
               run_dir / "oof_tta.csv")
     scores.update(cv_tta=tta_scores[best], per_fold_tta=per_fold_tta, tta_views=best,

@@ -312,14 +312,11 @@ def run(cfg: ExperimentConfig, only: list[int] | None = None) -> dict | None:
         print(f"{cfg.experiment}: folds {', '.join(map(str, missing))} still to train; oof.csv and "
               f"scores.json follow once they are done", file=sys.stderr)
         return None
-    frames, per_fold = [], {}
-    for fold in range(n_splits):
-        df = pd.read_csv(done[fold], dtype={"id": str}, keep_default_na=False)
-        y = s.labels[np.flatnonzero(s.folds == fold)]
-        per_fold[fold] = metrics.score(cfg.metric, y, df[list(s.comp.classes)].to_numpy())
-        frames.append(df)
+    frames = [pd.read_csv(path, dtype={"id": str}, keep_default_na=False) for path in done]
     oof = pd.concat(frames).set_index("id").loc[list(s.comp.train["id"])].reset_index()
-    cv = metrics.score(cfg.metric, s.labels, oof[list(s.comp.classes)].to_numpy())
+    proba = oof[list(s.comp.classes)].to_numpy()
+    per_fold = metrics.fold_scores(cfg.metric, s.labels, s.folds, proba)
+    cv = metrics.score(cfg.metric, s.labels, proba)
     scores = dict(metric=cfg.metric, per_fold=per_fold, cv=cv, tag=s.tag)
     write_json(scores, run_dir / "scores.json")
     write_csv(oof, run_dir / "oof.csv")

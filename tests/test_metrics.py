@@ -52,3 +52,10 @@ def test_direction_follows_the_metric(metric, direction):
 def test_unknown_metric_is_refused():
     with pytest.raises(ValueError, match="unknown metric 'rmse'"):
         metrics.score("rmse", Y, P)
+
+
+def test_fold_scores_score_each_fold_on_its_own_rows():
+    y = np.array([0, 1, 1, 0, 1])
+    folds = np.array([1, 0, 1, 0, 1])
+    proba = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7], [0.1, 0.9]])
+    assert metrics.fold_scores("accuracy", y, folds, proba) == {0: 0.5, 1: 2 / 3}
