@@ -25,7 +25,7 @@ from timm.data import resolve_data_config
 from timm.models import resolve_pretrained_cfg
 
 import pipeline.classic  # noqa: F401  (registers lenet5 and alexnet in timm)
-from pipeline.config import ModelConfig
+from pipeline.config import ExperimentConfig, ModelConfig
 from pipeline.errors import UserError
 
 HUB_TIMEOUT_S = 3.0
@@ -228,3 +228,11 @@ def input_spec(model: torch.nn.Module, cfg: ModelConfig) -> InputSpec:
 def cache_size(image_size: int, crop_pct: float) -> int:
     """Side of the stored image: crops of `image_size` come from an image `size / crop_pct`."""
     return int(round(image_size / crop_pct))
+
+
+def experiment_input(cfg: ExperimentConfig, n_classes: int) -> tuple[InputSpec, int]:
+    """The experiment's input spec (from the model built without weights) and cached side."""
+    probe = create_model(cfg.model.model_copy(update={"pretrained": False}), n_classes,
+                         cfg.data.channels)
+    spec = input_spec(probe, cfg.model)
+    return spec, cache_size(cfg.image_size, spec.crop_pct)

@@ -20,7 +20,6 @@ from pipeline.config import ExperimentConfig, load_experiment
 from pipeline.data import CachedImages, make_loader, normalize
 from pipeline.errors import UserError, cli, stage_args
 from pipeline.images import image_cache
-from pipeline.models import cache_size
 from pipeline.train import Setup, load_fold_model, prepare, proba_frame
 
 
@@ -82,8 +81,7 @@ def predict_folds(s: Setup, view_sets: list[str]) -> tuple[dict, dict]:
     from the same forward passes.
     """
     cfg = s.cfg
-    side = cache_size(cfg.image_size, s.spec.crop_pct)
-    test_images = image_cache(list(s.comp.test["path"]), side, cfg.data.channels,
+    test_images = image_cache(list(s.comp.test["path"]), s.side, cfg.data.channels,
                               cfg.data.cache_dir)
     test_rows = np.arange(len(s.comp.test))
     oof = {v: np.zeros((len(s.comp.train), len(s.comp.classes))) for v in view_sets}

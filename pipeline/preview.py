@@ -19,7 +19,7 @@ from pipeline.config import ExperimentConfig, load_experiment
 from pipeline.data import CachedImages
 from pipeline.errors import UserError, cli, stage_args
 from pipeline.images import decode, resize
-from pipeline.models import cache_size, create_model, input_spec
+from pipeline.models import experiment_input
 
 CELL, GAP, HEADER = 96, 4, 16
 
@@ -39,9 +39,7 @@ def sample_views(cfg: ExperimentConfig, n_images: int,
     comp = load_competition_data(cfg)
     if len(comp.train) == 0:
         raise UserError(f"{cfg.data.path('train_csv')}: no training images to preview")
-    probe = create_model(cfg.model.model_copy(update={"pretrained": False}), len(comp.classes),
-                         cfg.data.channels)
-    side = cache_size(cfg.image_size, input_spec(probe, cfg.model).crop_pct)
+    _, side = experiment_input(cfg, len(comp.classes))
     rng = np.random.default_rng(cfg.seed)
     rows = np.sort(rng.choice(len(comp.train), min(n_images, len(comp.train)), replace=False))
     paths = comp.train["path"].iloc[rows]

@@ -33,7 +33,7 @@ from pipeline.data import (CachedImages, EpochLoaders, make_loader, normalize,
 from pipeline.errors import UserError, cli, stage_args
 from pipeline.folds import folds_path, read_folds
 from pipeline.images import image_cache
-from pipeline.models import InputSpec, cache_size, check_pretrained, create_model, input_spec
+from pipeline.models import InputSpec, check_pretrained, create_model, experiment_input
 
 
 def seed_everything(seed: int) -> None:
@@ -52,6 +52,7 @@ class Setup:
     comp: Competition
     folds: np.ndarray  # fold per train row
     images: np.ndarray  # cached uint8 images, one per train row
+    side: int  # their side: image_size / crop_pct
     labels: np.ndarray
     spec: InputSpec
     tag: str  # config + fold-file hash; artifacts built from another tag are stale
@@ -67,13 +68,10 @@ def prepare(cfg: ExperimentConfig) -> Setup:
         raise UserError(f"{fpath}: ids do not match the train table (e.g. {missing[:1]}); "
                         f"rerun `make folds COMP={cfg.name}`")
     folds = comp.train["id"].map(lookup).to_numpy(np.int64)
-    probe = create_model(cfg.model.model_copy(update={"pretrained": False}), len(comp.classes),
-                         cfg.data.channels)
-    spec = input_spec(probe, cfg.model)
-    side = cache_size(cfg.image_size, spec.crop_pct)
+    spec, side = experiment_input(cfg, len(comp.classes))
     images = image_cache(list(comp.train["path"]), side, cfg.data.channels, cfg.data.cache_dir)
     tag = f"{config_hash(cfg, exclude={'tta'})}-{file_hash(fpath)}"  # TTA needs no retraining
-    return Setup(cfg, comp, folds, images, comp.target_index(), spec, tag)
+    return Setup(cfg, comp, folds, images, side, comp.target_index(), spec, tag)
 
 
 def predict_proba(model, loader, spec: InputSpec) -> np.ndarray:

@@ -183,7 +183,7 @@ def bench_experiment(path: Path) -> dict:
     later = images / statistics.median(real_rates)
     nhwc = channels_last_speedup(s, real.mixer, min(n_batches, 6), epochs, MIN_REPS)
     return dict(experiment=cfg.experiment, model=cfg.model.backbone, size=cfg.image_size,
-                side=s.images.shape[1], preset="custom" if cfg.augment.custom else cfg.augment.preset,
+                side=s.side, preset="custom" if cfg.augment.custom else cfg.augment.preset,
                 workers=cfg.train.num_workers, batch=cfg.train.batch_size, epochs=epochs, reps=reps,
                 real=statistics.median(real_rates), synthetic=statistics.median(synth_rates),
                 ratio=statistics.median(ratios), later_epoch_s=later,

@@ -19,7 +19,6 @@ from pipeline import demo, metrics, predict, train
 from pipeline.artifacts import write_text
 from pipeline.bench import CONFIGS, ensure_demo_inputs, train_afresh
 from pipeline.config import load_experiment
-from pipeline.models import cache_size
 from pipeline.tta import VIEW_SETS
 
 REPORT = Path("reports/tta.md")
@@ -49,7 +48,7 @@ def evaluate(backbone: str, crop_pct: float | None) -> dict:
             cells[merge, v] = (metrics.score("accuracy", s.labels, oof[v]),
                                held_out_accuracy(s, test[v], demo.ROOT / "solution.csv"))
     return dict(name=name, backbone=backbone, crop_pct=s.spec.crop_pct, size=s.cfg.image_size,
-                side=cache_size(s.cfg.image_size, s.spec.crop_pct), cv=cv, cells=cells)
+                side=s.side, cv=cv, cells=cells)
 
 
 def auto_pick(r: dict, merge: str) -> str:
