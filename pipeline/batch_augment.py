@@ -200,30 +200,53 @@ class Affine:
         return np.linalg.inv(forward), h, w
 
 
-# Pixel transforms: apply(x, rng, mask) on float N x C x H x W in [0, 255]; mask picks the images.
+# Pixel transforms: apply(x, rng, mask) on float N x C x H x W in [0, 255] (also uint8 for those
+# that keep it); mask picks the images.
 
-def _per_image(values: np.ndarray, mask: np.ndarray, neutral: float, c: int = 1) -> Tensor:
-    """n (or n x c) values, `neutral` where the mask is off, shaped to broadcast over a batch."""
-    values = np.where(mask.reshape(-1, *[1] * (values.ndim - 1)), values, neutral)
-    return torch.from_numpy(values.astype(np.float32)).view(len(mask), c, 1, 1)
+def _per_image(values: np.ndarray, mask: np.ndarray, neutral: float) -> Tensor:
+    """n values, `neutral` where the mask is off, shaped to broadcast over a batch."""
+    return torch.from_numpy(np.where(mask, values, neutral).astype(np.float32)).view(-1, 1, 1, 1)
 
 
 @dataclass
 class RGBShift:
     ranges: list  # per channel, as fractions of 255
     resizes = None
+    keeps_uint8 = True
 
     @classmethod
     def build(cls, d: dict):
         return cls([tuple(r) for r in d["noise_params"]["ranges"]])
 
     def apply(self, x: Tensor, rng: Rng, mask: np.ndarray) -> Tensor:
-        n, c = x.shape[:2]
+        n, c, h, w = x.shape
         ranges = self.ranges * c if len(self.ranges) == 1 else self.ranges
         if len(ranges) < c:
             raise ValueError(f"RGBShift has {len(ranges)} channel ranges for {c} channels")
         lo, hi = np.array(ranges[:c]).T * 255.0
-        return x.add_(_per_image(rng.uniform(lo, hi, (n, c)), mask, 0.0, c)).clamp_(0, 255)
+        # as albumentations shifts uint8 images: by whole numbers (truncated), saturating
+        shift = np.where(mask[:, None], np.trunc(rng.uniform(lo, hi, (n, c))), 0.0)
+        if x.dtype == torch.uint8:  # clamped first, adding the shift modulo 256 cannot wrap
+            whole = shift.astype(np.int64)
+            low, high, wrapped = np.maximum(-whole, 0), 255 - np.maximum(whole, 0), whole % 256
+            return _per_channel(x, lambda v, lay: torch.clamp(v, lay(low), lay(high))
+                                .add_(lay(wrapped)))
+        return _per_channel(x, lambda v, lay: v.add_(lay(shift)).clamp_(0, 255))
+
+
+def _per_channel(x: Tensor, op) -> Tensor:
+    """`op(values, lay)` on a batch, `lay` shaping n x c values to broadcast over `values`.
+
+    A batch in NHWC memory is handed over as rows of w * c values, and per-channel values
+    repeated along a row: a 3-wide innermost broadcast would not vectorise.
+    """
+    n, c, h, w = x.shape
+    dtype = np.uint8 if x.dtype == torch.uint8 else np.float32
+    if c > 1 and x.is_contiguous(memory_format=torch.channels_last):
+        rows = lambda v: torch.from_numpy(  # noqa: E731
+            np.repeat(v.astype(dtype)[:, None], w, axis=1).reshape(n, 1, w * c))
+        return op(x.permute(0, 2, 3, 1).view(n, h, w * c), rows).view(n, h, w, c).permute(0, 3, 1, 2)
+    return op(x, lambda v: torch.from_numpy(v.astype(dtype).reshape(n, c, 1, 1)))
 
 
 @dataclass
@@ -446,8 +469,9 @@ def _pixel_boxes(m: np.ndarray, h: int, w: int, sh: int, sw: int):
         start_map = np.where(mirrored, shift + scale * (out - 1), shift)
         length = np.abs(scale) * out
         start = start_map - 0.5 * np.abs(scale) + 0.5
-        whole = np.round(np.stack([start, length]))
-        if not np.allclose(whole, np.stack([start, length]), atol=1e-6):
+        exact = np.stack([start, length])
+        whole = np.round(exact)
+        if np.abs(whole - exact).max() > 1e-6:
             return None
         start, length = whole.astype(np.int64)
         if (start < 0).any() or (length < 1).any() or (start + length > size).any():
@@ -461,12 +485,16 @@ def _crop_resize(x: Tensor, boxes, h: int, w: int) -> Tensor:
     """uint8 crops resized with cv2 (albumentations' own call, so the same pixels), mirrored."""
     src = np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy())
     n, c = src.shape[0], src.shape[3]
+    x0, y0, cw, ch, fx, fy = boxes
     out = np.empty((n, h, w, c), np.uint8)
-    for i, (x0, y0, cw, ch, fx, fy) in enumerate(zip(*boxes)):
-        crop = src[i, y0:y0 + ch, x0:x0 + cw]
-        if (ch, cw) != (h, w):
-            crop = cv2.resize(crop, (w, h), interpolation=cv2.INTER_LINEAR).reshape(h, w, c)
-        out[i] = crop[::-1 if fy else 1, ::-1 if fx else 1]
+    resize, size, linear = cv2.resize, (w, h), cv2.INTER_LINEAR
+    for i, left, top, width, height in zip(range(n), x0.tolist(), y0.tolist(), cw.tolist(),
+                                            ch.tolist()):  # the hot loop: positional arguments
+        resize(src[i, top:top + height, left:left + width], size, out[i], 0, 0, linear)
+    if fx.any():
+        out[fx] = out[fx][:, :, ::-1]
+    if fy.any():
+        out[fy] = out[fy][:, ::-1]
     return torch.from_numpy(out).permute(0, 3, 1, 2)
 
 
@@ -503,8 +531,9 @@ def resample(x: Tensor, m: np.ndarray, h: int, w: int, padding: str = "border",
 class BatchAugment:
     """A compiled pipeline: `augment(x, rng)` maps a uint8 N x C x H x W batch to N x C x h x w.
 
-    The result stays uint8 when only whole-pixel crops applied; otherwise it is float32 in
-    [0, 255], unrounded (rounding to uint8 would cost more than the normalisation it feeds).
+    The result stays uint8 when only whole-pixel crops and RGBShift applied; otherwise it is
+    float32 in [0, 255], unrounded (rounding to uint8 would cost more than the normalisation
+    it feeds).
     """
 
     def __init__(self, steps: list[Step]):
@@ -529,7 +558,8 @@ class BatchAugment:
             if pending is not None:
                 out, pending, border = resample(out, pending, h, w, *border), None, ()
             if mask.any():
-                out = step.op.apply(out.float() if out.dtype == torch.uint8 else out, rng, mask)
+                keep = getattr(step.op, "keeps_uint8", False)
+                out = step.op.apply(out if keep else out.float(), rng, mask)
         if pending is not None:
             out = resample(out, pending, h, w, *border)
         return out

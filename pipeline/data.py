@@ -9,11 +9,9 @@ workers.
 """
 from __future__ import annotations
 
-import ctypes
 import queue
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import albumentations as A
@@ -23,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.batch_augment import compile_compose
+from pipeline.cpu import one_openmp_thread
 from pipeline.models import InputSpec
 
 
@@ -71,7 +70,8 @@ class CachedImages(Dataset):
 
     def __init__(self, images: np.ndarray, rows: np.ndarray, labels: np.ndarray | None,
                  transform: A.Compose | None = None, seed: int = 0):
-        self.images, self.rows = images, np.asarray(rows, dtype=np.int64)
+        # a plain view of a memory map: indexing a np.memmap costs a subclass round trip
+        self.images, self.rows = np.asarray(images), np.asarray(rows, dtype=np.int64)
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         self.augment = batch_transform(transform)
         self.seed, self.epoch = seed, 0
@@ -122,25 +122,11 @@ def worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def _one_openmp_thread() -> None:
-    """Run this thread's torch ops on one OpenMP thread, touching nothing process-wide.
-
-    `torch.set_num_threads` also sets MKL's process-wide thread count, which would change
-    the model's arithmetic in the main thread at timing-dependent moments (so results would
-    depend on timing); and a second multi-threaded OpenMP team makes libgomp throttle the
-    model's team. OpenMP's own per-thread setting, in the libgomp torch ships (Linux wheels),
-    does neither; elsewhere this thread keeps the default.
-    """
-    gomp = Path(torch.__file__).parent / "lib" / "libgomp.so.1"
-    if gomp.is_file():
-        ctypes.CDLL(str(gomp)).omp_set_num_threads(1)
-
-
 class Prefetched:
     """Iterates a loader in a background thread, `depth` batches ahead of the consumer.
 
     Torch ops release the GIL, so the next batch is gathered and augmented while the model
-    trains on this one; the thread's ops run on one OpenMP thread (`_one_openmp_thread`).
+    trains on this one; the thread's ops run on one OpenMP thread (`cpu.one_openmp_thread`).
     `then`, another Prefetched, starts as soon as this one's last batch is made, so the next
     epoch's first batches are ready when it begins. `close` stops a loader that will not be
     consumed.
@@ -164,7 +150,7 @@ class Prefetched:
         self._thread.start()
 
     def _produce(self) -> None:
-        _one_openmp_thread()
+        one_openmp_thread()
         try:
             for item in self.loader:
                 if self._stop.is_set():

@@ -124,7 +124,8 @@ def image_cache(paths: list[str], side: int, channels: int, cache_dir: str | os.
 
         with ThreadPoolExecutor(_workers()) as pool:  # PIL and cv2 release the GIL
             for _ in tqdm(pool.map(load, range(len(paths))), total=len(paths),
-                          desc=f"cache {side}px", file=sys.stderr, leave=False, mininterval=1.0):
+                          desc=f"cache {side}px", file=sys.stderr, leave=False, mininterval=1.0,
+                          disable=None):  # no bar when stderr is not a terminal (logs)
                 pass
         arr.flush()
         del arr

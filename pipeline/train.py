@@ -23,7 +23,7 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from pipeline import finetune, metrics
+from pipeline import cpu, finetune, metrics
 from pipeline.artifacts import atomic_path, file_hash, write_csv, write_json, write_text
 from pipeline.augment import eval_transform, mixer, train_transform
 from pipeline.competition import Competition, load_competition_data
@@ -59,6 +59,8 @@ class Setup:
 
 
 def prepare(cfg: ExperimentConfig) -> Setup:
+    """The experiment's data, folds, input spec and image cache; readies the process to train."""
+    cpu.reuse_freed_memory()
     comp = load_competition_data(cfg)
     fpath = folds_path(cfg.name)
     fold_df = read_folds(fpath)
@@ -144,7 +146,7 @@ def train_epoch(s: Setup, model, loader, optimizer, lr_factors: list[float], fir
     tc = s.cfg.train
     losses, first_lrs = [], {}
     for i, (x, y) in enumerate(tqdm(loader, desc=desc, file=sys.stderr, leave=False,
-                                    mininterval=1.0)):
+                                    mininterval=1.0, disable=None)):  # no bar in logs
         finetune.set_lrs(optimizer, lr_factors[i], first_trainable)
         first_lrs = first_lrs or finetune.group_lr_row(optimizer)
         x = normalize(x, s.spec, tc.channels_last)

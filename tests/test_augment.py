@@ -44,7 +44,8 @@ def test_every_preset_builds_and_runs_at_any_size(preset, size, channels):
     assert batched is not None  # every preset has the fast path
     out = batched(x, np.random.default_rng(1))
     assert out.shape == (6, channels, size, size) and out.min() >= 0 and out.max() <= 255
-    assert out.dtype == (torch.uint8 if preset == "none" else torch.float32)  # crops stay uint8
+    # crops and colour shifts stay uint8
+    assert out.dtype == (torch.uint8 if preset in ("none", "light") else torch.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # HueSaturationValue warns that hue is moot for gray
         slow = PerImage(compose)(x, np.random.default_rng(1))
@@ -70,6 +71,7 @@ def test_presets_hold_the_classics():
     ([A.Resize(23, 23)], 1, 0),
     ([A.RandomResizedCrop((32, 32), scale=(1, 1), ratio=(1, 1))], 1, 0),
     ([A.RGBShift((20, 20), (-20, -20), (30, 30), p=1)], 0, 0),
+    ([A.RGBShift((12.7, 12.7), (-7.6, -7.6), (3.3, 3.3), p=1)], 0, 0),  # whole-number shifts
     ([A.RandomBrightnessContrast((0.1, 0.1), (0.2, 0.2), p=1)], 1, 0),
     ([A.RandomBrightnessContrast((0.1, 0.1), (-0.2, -0.2), brightness_by_max=False, p=1)], 1, 0),
     ([A.HueSaturationValue((10, 10), (20, 20), (10, 10), p=1)], 4, 0),  # cv2 rounds hue to 2 degrees
@@ -131,6 +133,19 @@ def test_grayscale_gets_value_shift_and_a_single_channel_shift():
     assert (hsv(x, np.random.default_rng(0)) == 120).all()
     shift = batch_augment.compile_compose(A.Compose([A.RGBShift((-30, -30), (50, 50), (50, 50), p=1)]))
     assert (shift(x, np.random.default_rng(0)) == 70).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_colour_shift_is_the_same_in_either_memory_layout(dtype):
+    """Batches in NHWC memory (crops from the cache) take a row-wise path; same pixels."""
+    shift = batch_augment.RGBShift([(-40 / 255, 40 / 255)] * 3)
+    x = torch.from_numpy(_smooth_image(12)).expand(16, 12, 12, 3).permute(0, 3, 1, 2).to(dtype)
+    mask = np.arange(16) % 3 > 0
+    nchw = shift.apply(x.clone(memory_format=torch.contiguous_format), np.random.default_rng(5), mask)
+    nhwc = shift.apply(x.clone(memory_format=torch.channels_last), np.random.default_rng(5), mask)
+    assert nhwc.dtype == dtype and torch.equal(nchw, nhwc)
+    assert torch.equal(nchw[~torch.from_numpy(mask)], x[~torch.from_numpy(mask)])  # off: unchanged
+    assert (nchw == 255).any() and (nchw == 0).any() and not torch.equal(nchw, x)  # saturates
 
 
 def test_unsupported_transforms_fall_back_to_albumentations_per_image():

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import platform
+import sys
 import threading
 
 import albumentations as A
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 from conftest import write_yaml
-from pipeline import folds, predict, train
+from pipeline import cpu, folds, predict, train
 from pipeline.augment import train_transform
 from pipeline.config import AugmentConfig, load_experiment
 from pipeline.data import CachedImages, EpochLoaders, channel_stats, make_loader, normalize
@@ -163,3 +165,9 @@ def test_grayscale_channels_last_competition_runs_end_to_end(tiny):
     assert not last.weight.is_contiguous()
     scores = json.loads((cfg.run_dir / "scores.json").read_text())
     assert 0 <= scores["cv"] <= 1 and "cv_tta" in scores
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="glibc's mallopt")
+def test_glibc_takes_the_allocator_settings():
+    assert cpu.reuse_freed_memory()  # False if glibc rejected a value (e.g. a threshold too high)
