@@ -219,7 +219,7 @@ class RGBShift:
         return cls([tuple(r) for r in d["noise_params"]["ranges"]])
 
     def apply(self, x: Tensor, rng: Rng, mask: np.ndarray) -> Tensor:
-        n, c, h, w = x.shape
+        n, c = x.shape[:2]
         ranges = self.ranges * c if len(self.ranges) == 1 else self.ranges
         if len(ranges) < c:
             raise ValueError(f"RGBShift has {len(ranges)} channel ranges for {c} channels")

@@ -64,8 +64,8 @@ class CachedImages(Dataset):
     """Rows of a cached N x H x W x C uint8 array -> (N x C x h x w batch, int64 labels).
 
     `transform` is an albumentations Compose (or None for the whole cached image). Batches
-    are uint8, or float32 in [0, 255] when the batched augmentation resampled or recoloured
-    them. Indexing takes a `BatchKey` from `make_loader`'s sampler.
+    are uint8, or float32 in [0, 255] when a batched transform could not keep uint8 (see
+    `BatchAugment`). Indexing takes a `BatchKey` from `make_loader`'s sampler.
     """
 
     def __init__(self, images: np.ndarray, rows: np.ndarray, labels: np.ndarray | None,
