@@ -1,11 +1,12 @@
 """Albumentations pipelines run on whole uint8 batches with a few vectorised torch ops.
 
 `compile_compose` turns an `A.Compose` whose transforms all have an equivalent here into a
-`BatchAugment`: each transform's arguments are read from its `to_dict()`, its parameters are
-drawn per image with albumentations' distributions, and consecutive geometric transforms fuse
-into one bilinear resampling (cv2's INTER_LINEAR). The data path then costs a handful of tensor
-ops per batch instead of one albumentations call per image. A pipeline with any other transform
-compiles to None and the caller applies it image by image.
+`BatchAugment`. Each transform's arguments are read from its `to_dict()`. Its parameters are
+drawn with albumentations' distributions for many image slots at once (`data` draws whole
+epochs): a `Plan`, sliced per batch. Consecutive geometric transforms fuse into one
+resampling: a crop, cv2 resizes of whole-pixel boxes (albumentations' own call) or one
+bilinear `grid_sample`. A batch then costs a handful of tensor ops and no parameter drawing.
+A pipeline with any other transform compiles to None and the caller applies it image by image.
 """
 from __future__ import annotations
 
@@ -200,12 +201,19 @@ class Affine:
         return np.linalg.inv(forward), h, w
 
 
-# Pixel transforms: apply(x, rng, mask) on float N x C x H x W in [0, 255] (also uint8 for those
-# that keep it); mask picks the images.
+# Pixel transforms: draw(n, c, h, w, rng, mask) -> {name: per-slot array} for n slots of c x h x w
+# images (mask: the slots it applies to), and apply(x, params) on a batch's slice of those:
+# float N x C x H x W in [0, 255] (also uint8 for those that keep it), changed in place (a batch
+# is always a copy, never a view of the cache).
 
-def _per_image(values: np.ndarray, mask: np.ndarray, neutral: float) -> Tensor:
-    """n values, `neutral` where the mask is off, shaped to broadcast over a batch."""
-    return torch.from_numpy(np.where(mask, values, neutral).astype(np.float32)).view(-1, 1, 1, 1)
+def _masked(values: np.ndarray, mask: np.ndarray, neutral: float) -> np.ndarray:
+    """n values, `neutral` where the mask is off."""
+    return np.where(mask, values, neutral).astype(np.float32)
+
+
+def _per_image(values: np.ndarray) -> Tensor:
+    """n values shaped to broadcast over an N x C x H x W batch."""
+    return torch.from_numpy(values).view(-1, 1, 1, 1)
 
 
 @dataclass
@@ -218,20 +226,23 @@ class RGBShift:
     def build(cls, d: dict):
         return cls([tuple(r) for r in d["noise_params"]["ranges"]])
 
-    def apply(self, x: Tensor, rng: Rng, mask: np.ndarray) -> Tensor:
-        n, c = x.shape[:2]
+    def draw(self, n: int, c: int, h: int, w: int, rng: Rng, mask: np.ndarray) -> dict:
         ranges = self.ranges * c if len(self.ranges) == 1 else self.ranges
         if len(ranges) < c:
             raise ValueError(f"RGBShift has {len(ranges)} channel ranges for {c} channels")
         lo, hi = np.array(ranges[:c]).T * 255.0
         # as albumentations shifts uint8 images: by whole numbers (truncated), saturating
-        shift = np.where(mask[:, None], np.trunc(rng.uniform(lo, hi, (n, c))), 0.0)
-        if x.dtype == torch.uint8:  # clamped first, adding the shift modulo 256 cannot wrap
-            whole = shift.astype(np.int64)
-            low, high, wrapped = np.maximum(-whole, 0), 255 - np.maximum(whole, 0), whole % 256
-            return _per_channel(x, lambda v, lay: torch.clamp(v, lay(low), lay(high))
-                                .add_(lay(wrapped)))
-        return _per_channel(x, lambda v, lay: v.add_(lay(shift)).clamp_(0, 255))
+        whole = np.where(mask[:, None], np.trunc(rng.uniform(lo, hi, (n, c))), 0.0).astype(np.int64)
+        # for uint8: clamped to [low, high] first, adding the shift modulo 256 cannot wrap
+        return dict(shift=whole.astype(np.float32), low=np.maximum(-whole, 0).astype(np.uint8),
+                    high=(255 - np.maximum(whole, 0)).astype(np.uint8),
+                    wrapped=(whole % 256).astype(np.uint8))
+
+    def apply(self, x: Tensor, p: dict) -> Tensor:
+        if x.dtype == torch.uint8:
+            return _per_channel(x, lambda v, lay: v.clamp_(lay(p["low"]), lay(p["high"]))
+                                .add_(lay(p["wrapped"])))
+        return _per_channel(x, lambda v, lay: v.add_(lay(p["shift"])).clamp_(0, 255))
 
 
 def _per_channel(x: Tensor, op) -> Tensor:
@@ -241,12 +252,11 @@ def _per_channel(x: Tensor, op) -> Tensor:
     repeated along a row: a 3-wide innermost broadcast would not vectorise.
     """
     n, c, h, w = x.shape
-    dtype = np.uint8 if x.dtype == torch.uint8 else np.float32
     if c > 1 and x.is_contiguous(memory_format=torch.channels_last):
-        rows = lambda v: torch.from_numpy(  # noqa: E731
-            np.repeat(v.astype(dtype)[:, None], w, axis=1).reshape(n, 1, w * c))
+        def rows(v: np.ndarray) -> Tensor:
+            return torch.from_numpy(np.repeat(v[:, None], w, axis=1).reshape(n, 1, w * c))
         return op(x.permute(0, 2, 3, 1).view(n, h, w * c), rows).view(n, h, w, c).permute(0, 3, 1, 2)
-    return op(x, lambda v: torch.from_numpy(v.astype(dtype).reshape(n, c, 1, 1)))
+    return op(x, lambda v: torch.from_numpy(v.reshape(n, c, 1, 1)))
 
 
 @dataclass
@@ -262,12 +272,13 @@ class RandomBrightnessContrast:
             raise Unsupported("ensure_safe_range")
         return cls(tuple(d["brightness_limit"]), tuple(d["contrast_limit"]), d["brightness_by_max"])
 
-    def apply(self, x: Tensor, rng: Rng, mask: np.ndarray) -> Tensor:
-        n = x.shape[0]
-        alpha = _per_image(1.0 + rng.uniform(*self.contrast, n), mask, 1.0)
-        beta = _per_image(rng.uniform(*self.brightness, n), mask, 0.0)
-        beta = beta * (255.0 if self.by_max else x.mean((1, 2, 3), keepdim=True))
-        return torch.addcmul(beta, x, alpha).clamp_(0, 255)
+    def draw(self, n: int, c: int, h: int, w: int, rng: Rng, mask: np.ndarray) -> dict:
+        alpha = _masked(1.0 + rng.uniform(*self.contrast, n), mask, 1.0)
+        return dict(alpha=alpha, beta=_masked(rng.uniform(*self.brightness, n), mask, 0.0))
+
+    def apply(self, x: Tensor, p: dict) -> Tensor:
+        beta = _per_image(p["beta"]) * (255.0 if self.by_max else x.mean((1, 2, 3), keepdim=True))
+        return torch.addcmul(beta, x, _per_image(p["alpha"])).clamp_(0, 255)
 
 
 def rgb_to_hsv(x: Tensor) -> Tensor:
@@ -300,9 +311,13 @@ class HueSaturationValue:
     def build(cls, d: dict):
         return cls(*(tuple(d[f"{k}_shift_limit"]) for k in ("hue", "sat", "val")))
 
-    def apply(self, x: Tensor, rng: Rng, mask: np.ndarray) -> Tensor:
-        n, c = x.shape[:2]
-        hue, sat, val = (rng.uniform(*r, n)[mask] for r in (self.hue, self.sat, self.val))
+    def draw(self, n: int, c: int, h: int, w: int, rng: Rng, mask: np.ndarray) -> dict:
+        return dict(hue=rng.uniform(*self.hue, n), sat=rng.uniform(*self.sat, n),
+                    val=rng.uniform(*self.val, n))
+
+    def apply(self, x: Tensor, p: dict) -> Tensor:
+        c, mask = x.shape[1], p["mask"]
+        hue, sat, val = (p[k][mask] for k in ("hue", "sat", "val"))
         idx = torch.from_numpy(np.flatnonzero(mask))
         shift = lambda t: torch.from_numpy(t.astype(np.float32)).view(-1, 1, 1)  # noqa: E731
         if c == 1:  # grayscale: only the value shift applies (as in albumentations)
@@ -334,12 +349,16 @@ class GaussianBlur:
     def build(cls, d: dict):
         return cls(tuple(d["blur_limit"]), tuple(d["sigma_limit"]))
 
-    def apply(self, x: Tensor, rng: Rng, mask: np.ndarray) -> Tensor:
-        n, c, h, w = x.shape
-        sigma = rng.uniform(*self.sigma_limit, n)[mask]
-        ksize = rng.integers(self.blur_limit[0], self.blur_limit[1], n, endpoint=True)[mask]
+    def draw(self, n: int, c: int, h: int, w: int, rng: Rng, mask: np.ndarray) -> dict:
+        sigma = rng.uniform(*self.sigma_limit, n)
+        ksize = rng.integers(self.blur_limit[0], self.blur_limit[1], n, endpoint=True)
         ksize = np.where(ksize == 0, np.floor(sigma * 3.5).astype(int) * 2 + 1, ksize)
-        ksize = ksize + (ksize % 2 == 0)
+        return dict(sigma=sigma, ksize=ksize + (ksize % 2 == 0))
+
+    def apply(self, x: Tensor, p: dict) -> Tensor:
+        _, c, h, w = x.shape
+        mask = p["mask"]
+        sigma, ksize = p["sigma"][mask], p["ksize"][mask]
         width = int(ksize.max())
         kernel = _gauss_kernels(sigma, ksize, width).repeat_interleave(c, 0)
         idx = torch.from_numpy(np.flatnonzero(mask))
@@ -365,13 +384,17 @@ class GaussNoise:
             raise Unsupported("noise_scale_factor")
         return cls(tuple(d["std_range"]), tuple(d["mean_range"]), bool(d["per_channel"]))
 
-    def apply(self, x: Tensor, rng: Rng, mask: np.ndarray) -> Tensor:
+    def draw(self, n: int, c: int, h: int, w: int, rng: Rng, mask: np.ndarray) -> dict:
+        return dict(std=_masked(rng.uniform(*self.std_range, n) * 255.0, mask, 0.0),
+                    mean=_masked(rng.uniform(*self.mean_range, n) * 255.0, mask, 0.0),
+                    seed=rng.integers(2**62, size=n))
+
+    def apply(self, x: Tensor, p: dict) -> Tensor:
         n, c, h, w = x.shape
-        std = _per_image(rng.uniform(*self.std_range, n) * 255.0, mask, 0.0)
-        mean = _per_image(rng.uniform(*self.mean_range, n) * 255.0, mask, 0.0)
-        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        gen = torch.Generator().manual_seed(int(p["seed"][0]))  # the batch's first slot seeds it
         noise = torch.randn((n, c if self.per_channel else 1, h, w), generator=gen)
-        return x.add_(torch.addcmul(mean, noise, std)).clamp_(0, 255)
+        noise = torch.addcmul(_per_image(p["mean"]), noise, _per_image(p["std"]))
+        return x.add_(noise).clamp_(0, 255)
 
 
 @dataclass
@@ -395,13 +418,17 @@ class CoarseDropout:
             return rng.integers(int(limits[0]), min(int(limits[1]), side), shape, endpoint=True)
         return np.trunc(rng.uniform(*limits, shape) * side).astype(np.int64)
 
-    def apply(self, x: Tensor, rng: Rng, mask: np.ndarray) -> Tensor:
-        n, _, h, w = x.shape
+    def draw(self, n: int, c: int, h: int, w: int, rng: Rng, mask: np.ndarray) -> dict:
         count = rng.integers(self.holes[0], self.holes[1], n, endpoint=True)
         shape = (n, self.holes[1])
         hh, ww = self._sizes(rng, self.heights, h, shape), self._sizes(rng, self.widths, w, shape)
         y0, x0 = rng.integers(0, h - hh, endpoint=True), rng.integers(0, w - ww, endpoint=True)
         active = (np.arange(shape[1])[None] < count[:, None]) & mask[:, None]
+        return dict(hh=hh, ww=ww, y0=y0, x0=x0, active=active)
+
+    def apply(self, x: Tensor, p: dict) -> Tensor:
+        _, _, h, w = x.shape
+        hh, ww, y0, x0, active = (p[k] for k in ("hh", "ww", "y0", "x0", "active"))
         rows, cols = np.arange(h), np.arange(w)
         in_rows = (rows >= y0[..., None]) & (rows < (y0 + hh)[..., None]) & active[..., None]
         in_cols = (cols >= x0[..., None]) & (cols < (x0 + ww)[..., None])
@@ -416,14 +443,22 @@ class OneOf:
     children: list  # (weight, pixel transform)
     resizes = None
 
-    def apply(self, x: Tensor, rng: Rng, mask: np.ndarray) -> Tensor:
+    def draw(self, n: int, c: int, h: int, w: int, rng: Rng, mask: np.ndarray) -> dict:
         weights = np.array([wt for wt, _ in self.children], dtype=np.float64)
-        choice = rng.choice(len(self.children), x.shape[0], p=weights / weights.sum())
-        for i, (_, child) in enumerate(self.children):
-            picked = mask & (choice == i)
-            if picked.any():
-                x = child.apply(x, rng, picked)
+        choice = rng.choice(len(self.children), n, p=weights / weights.sum())
+        return dict(children=[_drawn(child, n, c, h, w, rng, mask & (choice == i))
+                              for i, (_, child) in enumerate(self.children)])
+
+    def apply(self, x: Tensor, p: dict) -> Tensor:
+        for (_, child), params in zip(self.children, p["children"]):
+            if params["mask"].any():
+                x = child.apply(x, params)
         return x
+
+
+def _drawn(op, n: int, c: int, h: int, w: int, rng: Rng, mask: np.ndarray) -> dict:
+    """A pixel transform's parameters for n slots, with the mask of slots it applies to."""
+    return dict(op.draw(n, c, h, w, rng, mask), mask=mask)
 
 
 BUILDERS = {
@@ -457,8 +492,8 @@ def _build(d: dict) -> Step:
     return step
 
 
-def _pixel_boxes(m: np.ndarray, h: int, w: int, sh: int, sw: int):
-    """Whole-pixel source boxes (x0, y0, width, height, mirror x, mirror y) when every map is a
+def _pixel_boxes(m: np.ndarray, h: int, w: int, sh: int, sw: int) -> dict | None:
+    """Whole-pixel source boxes {x0, y0, cw, ch, fx, fy} (fx, fy: mirrored) when every map is a
     crop of the sh x sw input resized to h x w, possibly mirrored; else None."""
     if m[:, 0, 1].any() or m[:, 1, 0].any():
         return None
@@ -478,58 +513,125 @@ def _pixel_boxes(m: np.ndarray, h: int, w: int, sh: int, sw: int):
             return None
         boxes.append((start, length, mirrored))
     (x0, cw, fx), (y0, ch, fy) = boxes
-    return x0, y0, cw, ch, fx, fy
+    return dict(x0=x0, y0=y0, cw=cw, ch=ch, fx=fx, fy=fy)
 
 
-def _crop_resize(x: Tensor, boxes, h: int, w: int) -> Tensor:
-    """uint8 crops resized with cv2 (albumentations' own call, so the same pixels), mirrored."""
-    src = np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy())
-    n, c = src.shape[0], src.shape[3]
-    x0, y0, cw, ch, fx, fy = boxes
-    out = np.empty((n, h, w, c), np.uint8)
-    resize, size, linear = cv2.resize, (w, h), cv2.INTER_LINEAR
-    for i, left, top, width, height in zip(range(n), x0.tolist(), y0.tolist(), cw.tolist(),
-                                            ch.tolist()):  # the hot loop: positional arguments
-        resize(src[i, top:top + height, left:left + width], size, out[i], 0, 0, linear)
-    if fx.any():
-        out[fx] = out[fx][:, :, ::-1]
-    if fy.any():
-        out[fy] = out[fy][:, ::-1]
-    return torch.from_numpy(out).permute(0, 3, 1, 2)
+def gather_rows(images: np.ndarray, index: np.ndarray) -> Tensor:
+    """Rows `index` of an N x H x W x C uint8 array as an N x C x H x W view of NHWC memory."""
+    return torch.from_numpy(np.ascontiguousarray(images[index])).permute(0, 3, 1, 2)
 
 
-def resample(x: Tensor, m: np.ndarray, h: int, w: int, padding: str = "border",
-             fill: float = 0.0) -> Tensor:
-    """out[n, :, v, u] = bilinear sample of x[n] at m[n] @ (u, v, 1) (pixel centres at integers).
+def _nhwc(x: Tensor) -> np.ndarray:
+    return np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy())
 
-    Whole-pixel crops of a uint8 batch are sliced (one box for all) or resized image by image
-    with cv2 (faster than `grid_sample` and identical to albumentations); other maps go
-    through one `grid_sample`.
-    """
-    n, _, sh, sw = x.shape
+
+# Resampling stages (fused geometric transforms): apply(x, params) on a batch; gather(images,
+# index, params) reads the batch's rows straight from the cache when the stage comes first.
+
+@dataclass(frozen=True)
+class Crop:
+    """One whole-pixel window for every image (a centre crop, an integer shift)."""
+    top: int
+    left: int
+    h: int
+    w: int
+
+    def gather(self, images: np.ndarray, index: np.ndarray, p: dict) -> Tensor:
+        window = images[index, self.top:self.top + self.h, self.left:self.left + self.w]
+        return torch.from_numpy(window).permute(0, 3, 1, 2)
+
+    def apply(self, x: Tensor, p: dict) -> Tensor:
+        return x[:, :, self.top:self.top + self.h, self.left:self.left + self.w]
+
+
+@dataclass(frozen=True)
+class CropResize:
+    """Whole-pixel boxes resized with cv2 (albumentations' own call: the same pixels), mirrored."""
+    h: int
+    w: int
+
+    def gather(self, images: np.ndarray, index: np.ndarray, p: dict) -> Tensor:
+        return self._resize(images, index.tolist(), p)
+
+    def apply(self, x: Tensor, p: dict) -> Tensor:
+        return self._resize(_nhwc(x), range(len(x)), p)
+
+    def _resize(self, images: np.ndarray, index, p: dict) -> Tensor:
+        out = np.empty((len(index), self.h, self.w, images.shape[3]), np.uint8)
+        resize, size, linear = cv2.resize, (self.w, self.h), cv2.INTER_LINEAR
+        for i, row, left, top, width, height in zip(  # the hot loop: positional arguments
+                range(len(out)), index, *(p[k].tolist() for k in ("x0", "y0", "cw", "ch"))):
+            resize(images[row, top:top + height, left:left + width], size, out[i], 0, 0, linear)
+        if p["fx"].any():
+            out[p["fx"]] = out[p["fx"]][:, :, ::-1]
+        if p["fy"].any():
+            out[p["fy"]] = out[p["fy"]][:, ::-1]
+        return torch.from_numpy(out).permute(0, 3, 1, 2)
+
+
+@dataclass(frozen=True)
+class Warp:
+    """out[n, :, v, u] = bilinear sample of x[n] at m[n] @ (u, v, 1), one `grid_sample`."""
+    h: int
+    w: int
+    padding: str = "border"
+    fill: float = 0.0
+
+    def apply(self, x: Tensor, p: dict) -> Tensor:
+        n, _, sh, sw = x.shape
+        x = x.float() if x.dtype == torch.uint8 else x
+        to_unit = _scale_shift(2.0 / sw, 2.0 / sh, 1.0 / sw - 1.0, 1.0 / sh - 1.0, n)
+        g = torch.from_numpy((to_unit @ p["m"])[:, :2].astype(np.float32))  # -> [-1, 1]
+        u, v = torch.arange(self.w, dtype=torch.float32), torch.arange(self.h, dtype=torch.float32)
+        grid = torch.empty(n, self.h, self.w, 2)
+        for axis in (0, 1):  # coordinate = a*u + b*v + c, as a row term plus a column term
+            grid[..., axis] = (g[:, axis, 0:1] * u)[:, None, :] \
+                + (g[:, axis, 1:2] * v + g[:, axis, 2:3])[:, :, None]
+        if self.padding == "zeros" and self.fill:
+            return F.grid_sample(x - self.fill, grid, "bilinear", "zeros", align_corners=False) \
+                + self.fill
+        return F.grid_sample(x, grid, "bilinear", self.padding, align_corners=False)
+
+
+def resampling(m: np.ndarray, sh: int, sw: int, h: int, w: int, border: tuple, uint8: bool):
+    """The cheapest stage mapping sh x sw images to h x w by the n x 3 x 3 output->input maps
+    `m` (pixel centres at integers), with its per-slot parameters; None when nothing moves."""
+    n = len(m)
+    linear_id = np.array_equal(m[:, :2, :2], _eye(n)[:, :2, :2])
     shift = m[:, :2, 2]
-    if np.array_equal(m[:, :2, :2], _eye(n)[:, :2, :2]) and (shift == shift[0]).all() \
-            and (shift == np.round(shift)).all():  # one integer crop for the whole batch
+    if linear_id and (shift == shift[0]).all() and (shift == np.round(shift)).all():
         left, top = int(shift[0, 0]), int(shift[0, 1])
+        if (left, top, h, w) == (0, 0, sh, sw):
+            return None
         if 0 <= left and left + w <= sw and 0 <= top and top + h <= sh:
-            return x[:, :, top:top + h, left:left + w]
-    if x.dtype == torch.uint8 and (boxes := _pixel_boxes(m, h, w, sh, sw)) is not None:
-        return _crop_resize(x, boxes, h, w)
-    x = x.float() if x.dtype == torch.uint8 else x
-    to_unit = _scale_shift(2.0 / sw, 2.0 / sh, 1.0 / sw - 1.0, 1.0 / sh - 1.0, n)
-    g = torch.from_numpy((to_unit @ m)[:, :2].astype(np.float32))  # -> grid_sample's [-1, 1]
-    u, v = torch.arange(w, dtype=torch.float32), torch.arange(h, dtype=torch.float32)
-    grid = torch.empty(n, h, w, 2)
-    for axis in (0, 1):  # coordinate = a*u + b*v + c, as a row term plus a column term
-        grid[..., axis] = (g[:, axis, 0:1] * u)[:, None, :] \
-            + (g[:, axis, 1:2] * v + g[:, axis, 2:3])[:, :, None]
-    if padding == "zeros" and fill:
-        return F.grid_sample(x - fill, grid, "bilinear", "zeros", align_corners=False) + fill
-    return F.grid_sample(x, grid, "bilinear", padding, align_corners=False)
+            return Crop(top, left, h, w), {}
+    if uint8 and (boxes := _pixel_boxes(m, h, w, sh, sw)) is not None:
+        return CropResize(h, w), boxes
+    return Warp(h, w, *border), dict(m=m)
+
+
+def _take(params, rows: slice):
+    """Per-slot parameters (arrays, possibly nested in dicts and lists) of the slots `rows`."""
+    if isinstance(params, dict):
+        return {k: _take(v, rows) for k, v in params.items()}
+    if isinstance(params, list):
+        return [_take(v, rows) for v in params]
+    return params[rows]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every random parameter of a pipeline for a run of image slots (an epoch): its stages, each
+    an op and that op's per-slot parameters. `plan[a:b]` is the plan of slots a..b-1."""
+    stages: list
+
+    def __getitem__(self, rows: slice) -> Plan:
+        return Plan([(op, _take(p, rows)) for op, p in self.stages])
 
 
 class BatchAugment:
-    """A compiled pipeline: `augment(x, rng)` maps a uint8 N x C x H x W batch to N x C x h x w.
+    """A compiled pipeline: `plan` draws parameters for many slots at once, `apply` runs a
+    batch's slice of them on uint8 rows of the cache, N x C x H x W -> N x C x h x w.
 
     The result stays uint8 when only whole-pixel crops and RGBShift applied; otherwise it is
     float32 in [0, 255], unrounded (rounding to uint8 would cost more than the normalisation
@@ -539,30 +641,55 @@ class BatchAugment:
     def __init__(self, steps: list[Step]):
         self.steps = steps
 
-    def __call__(self, x: Tensor, rng: Rng) -> Tensor:
-        if x.dtype != torch.uint8:
-            raise TypeError(f"expected a uint8 batch, got {x.dtype}")
-        n, _, h, w = x.shape
-        out, pending, border = x, None, ()  # geometry not yet resampled; an Affine's border
+    def plan(self, n: int, c: int, h: int, w: int, rng: Rng) -> Plan:
+        """Parameters for n slots of c x h x w images, drawn in the pipeline's order."""
+        stages, uint8 = [], True  # uint8: no stage so far turns the batch to float
+        # geometry not yet resampled: its maps, an Affine's border, the size it starts from
+        pending, border, sh, sw = None, (), h, w
+
+        def flush():
+            if pending is not None and (stage := resampling(pending, sh, sw, h, w, border, uint8)):
+                stages.append(stage)
+
         for step in self.steps:
             mask = rng.random(n) < step.p
             if step.op.resizes is not None:
                 if isinstance(step.op, Affine):
                     if border and border != (step.op.padding, step.op.fill):
-                        out, pending = resample(out, pending, h, w, *border), None
+                        flush()
+                        pending, sh, sw = None, h, w
                     border = (step.op.padding, step.op.fill)
                 m, h, w = step.op.matrix(n, h, w, rng)
                 m = np.where(mask[:, None, None], m, _eye(n)) if step.p < 1 else m
                 pending = m if pending is None else pending @ m
                 continue
-            if pending is not None:
-                out, pending, border = resample(out, pending, h, w, *border), None, ()
-            if mask.any():
-                keep = getattr(step.op, "keeps_uint8", False)
-                out = step.op.apply(out if keep else out.float(), rng, mask)
-        if pending is not None:
-            out = resample(out, pending, h, w, *border)
+            flush()
+            pending, border, sh, sw = None, (), h, w
+            stages.append((step.op, _drawn(step.op, n, c, h, w, rng, mask)))
+            uint8 = uint8 and getattr(step.op, "keeps_uint8", False)
+        flush()
+        return Plan(stages)
+
+    def apply(self, images: np.ndarray, index: np.ndarray, plan: Plan) -> Tensor:
+        """Rows `index` of the uint8 N x H x W x C `images`, augmented by `plan` (one per row)."""
+        stages = plan.stages
+        if stages and hasattr(stages[0][0], "gather"):
+            out, stages = stages[0][0].gather(images, index, stages[0][1]), stages[1:]
+        else:
+            out = gather_rows(images, index)
+        for op, p in stages:
+            if "mask" not in p:  # resampling
+                out = op.apply(out, p)
+            elif p["mask"].any():
+                out = op.apply(out if getattr(op, "keeps_uint8", False) else out.float(), p)
         return out
+
+    def __call__(self, x: Tensor, rng: Rng) -> Tensor:
+        """A uint8 N x C x H x W batch augmented with parameters drawn from `rng`."""
+        if x.dtype != torch.uint8:
+            raise TypeError(f"expected a uint8 batch, got {x.dtype}")
+        n, c, h, w = x.shape
+        return self.apply(_nhwc(x), np.arange(n), self.plan(n, c, h, w, rng))
 
 
 def compile_compose(compose: A.Compose) -> BatchAugment | None:

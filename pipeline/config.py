@@ -100,7 +100,7 @@ class TrainConfig(Strict):
     grad_clip: float | None = Field(5.0, gt=0)
     ema_decay: float | None = Field(None, gt=0, lt=1)
     patience: int | None = Field(None, ge=1)
-    num_workers: int = Field(0, ge=0)  # 0: a background thread prepares the batches
+    num_workers: int = Field(0, ge=0)  # 0: a background thread if a core is free, else the main one
     eval_batch_size: int = Field(256, ge=1)
     channels_last: bool = False  # NHWC model and inputs: faster for some models (`make bench`)
 

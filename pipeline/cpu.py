@@ -1,9 +1,10 @@
-"""Process-level CPU settings: glibc's allocator for tensor-sized blocks, and a background
-thread's OpenMP team. Linux only (glibc, and the libgomp torch's wheels ship); elsewhere they
-do nothing."""
+"""Process-level CPU settings: glibc's allocator for tensor-sized blocks, a background
+thread's OpenMP team (Linux only: glibc, and the libgomp torch's wheels ship; elsewhere they
+do nothing), and whether a core is free for such a thread."""
 from __future__ import annotations
 
 import ctypes
+import os
 from pathlib import Path
 
 import torch
@@ -42,3 +43,13 @@ def one_openmp_thread() -> None:
     gomp = Path(torch.__file__).parent / "lib" / "libgomp.so.1"
     if gomp.is_file():
         ctypes.CDLL(str(gomp)).omp_set_num_threads(1)
+
+
+def spare_core() -> bool:
+    """Whether this process may run on more cores than torch's threads keep busy.
+
+    Only then can a background thread prepare batches alongside the training step; otherwise it
+    takes its CPU time from the step's OpenMP team, which then waits for it at every barrier.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (cores or 1) > torch.get_num_threads()

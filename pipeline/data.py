@@ -2,10 +2,11 @@
 
 A loader hands out whole batches: the sampler (in the main process) turns an epoch into
 `BatchKey`s, and the dataset gathers a key's rows from the memory-mapped cache and augments
-them in one go, in a background thread of the main process or in worker processes, while
-the model trains on the previous batch. Each batch's randomness comes from
-(seed, epoch, batch number) alone, so a seed gives the same batches whatever the number of
-workers.
+them in one go: in worker processes or a background thread of the main process while the
+model trains on the previous batch, or, with no core free for either, in the training thread
+between steps. The augmentation's parameters are drawn for whole
+epochs of slots at once, from the seed and the epoch alone, and each batch takes its slots'
+share, so a seed gives the same batches whatever the number of workers.
 """
 from __future__ import annotations
 
@@ -20,32 +21,44 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipeline.batch_augment import compile_compose
-from pipeline.cpu import one_openmp_thread
+from pipeline.batch_augment import Plan, compile_compose, gather_rows
+from pipeline.cpu import one_openmp_thread, spare_core
 from pipeline.models import InputSpec
+
+
+PLAN_SLOTS = 1 << 14  # parameters drawn per call: ~0.5 ms a call, then ~0.3 us a slot (light)
 
 
 @dataclass(frozen=True)
 class BatchKey:
-    """One batch: positions into the dataset's rows, and what seeds its augmentation."""
+    """One batch: positions into the dataset's rows, its epoch and its first slot in the epoch."""
 
     epoch: int
-    number: int
+    start: int
     positions: np.ndarray
 
 
 class PerImage:
-    """Fallback for pipelines with no batched equivalent: albumentations image by image."""
+    """Fallback for pipelines with no batched equivalent: albumentations image by image, seeded
+    per batch by its first slot (the same interface as `BatchAugment`)."""
 
     def __init__(self, compose: A.Compose):
         self.compose = compose
 
-    def __call__(self, x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        self.compose.set_random_seed(int(rng.integers(2**31 - 1)))
-        images = x.permute(0, 2, 3, 1).numpy()
-        out = [self.compose(image=np.ascontiguousarray(img))["image"] for img in images]
+    def plan(self, n: int, c: int, h: int, w: int, rng: np.random.Generator) -> Plan:
+        return Plan([(self.compose, dict(seed=rng.integers(2**31 - 1, size=n)))])
+
+    def apply(self, images: np.ndarray, index: np.ndarray, plan: Plan) -> torch.Tensor:
+        self.compose.set_random_seed(int(plan.stages[0][1]["seed"][0]))
+        # copies: a transform working in place must not change the shared cache
+        out = [self.compose(image=np.array(images[i]))["image"] for i in index]
         out = np.stack([o[:, :, None] if o.ndim == 2 else o for o in out])
         return torch.from_numpy(out).permute(0, 3, 1, 2)
+
+    def __call__(self, x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        n, c, h, w = x.shape
+        images = np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy())
+        return self.apply(images, np.arange(n), self.plan(n, c, h, w, rng))
 
 
 def seeded(*values: int) -> np.random.Generator:
@@ -75,6 +88,7 @@ class CachedImages(Dataset):
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         self.augment = batch_transform(transform)
         self.seed, self.epoch = seed, 0
+        self._plans: dict[int, Plan] = {}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -82,17 +96,37 @@ class CachedImages(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def batch(self, positions: np.ndarray, epoch: int = 0, number: int = 0):
-        x = torch.from_numpy(np.ascontiguousarray(self.images[self.rows[positions]]))
-        x = x.permute(0, 3, 1, 2)  # NCHW view of NHWC memory
-        if self.augment is not None:
-            x = self.augment(x, seeded(self.seed, epoch, number))
+    def plan(self, epoch: int, start: int, count: int) -> Plan:
+        """The augmentation's parameters for slots `start`.. `start + count - 1` of `epoch`.
+
+        They are drawn for PLAN_SLOTS slots at once, i.e. for a block of epochs of a small
+        dataset (one epoch of a large one), from (seed, the block's first epoch); the block
+        before or after is kept while the loader of a neighbouring epoch may still ask for it.
+        """
+        per_block = max(1, PLAN_SLOTS // max(1, len(self)))
+        first = epoch - epoch % per_block
+        if first not in self._plans:
+            _, h, w, c = self.images.shape
+            plan = self.augment.plan(per_block * len(self), c, h, w, seeded(self.seed, first))
+            self._plans = {e: p for e, p in self._plans.items() if abs(e - first) <= per_block} \
+                | {first: plan}
+        offset = (epoch - first) * len(self) + start
+        return self._plans[first][offset:offset + count]
+
+    def batch(self, positions: np.ndarray, epoch: int = 0, start: int = 0):
+        """The rows at `positions` as (N x C x h x w batch, labels), augmented as the slots
+        `start`, `start` + 1, ... of `epoch`."""
+        index = self.rows[positions]
+        if self.augment is None:
+            x = gather_rows(self.images, index)
+        else:
+            x = self.augment.apply(self.images, index, self.plan(epoch, start, len(index)))
         y = (torch.full((len(positions),), -1, dtype=torch.int64) if self.labels is None
              else torch.from_numpy(self.labels[positions]))
         return x, y
 
     def __getitem__(self, key: BatchKey):
-        return self.batch(key.positions, key.epoch, key.number)
+        return self.batch(key.positions, key.epoch, key.start)
 
 
 class EpochBatches(Sampler):
@@ -113,7 +147,7 @@ class EpochBatches(Sampler):
         order = seeded(self.seed, epoch).permutation(n) if self.shuffle else np.arange(n)
         size = self.batch_size
         for number in range(len(self)):
-            yield BatchKey(epoch, number, order[number * size:(number + 1) * size])
+            yield BatchKey(epoch, number * size, order[number * size:(number + 1) * size])
 
 
 def worker_init(_: int) -> None:
@@ -224,11 +258,13 @@ class EpochLoaders:
 
 
 def make_loader(dataset: CachedImages, batch_size: int, shuffle: bool, num_workers: int,
-                seed: int, drop_last: bool = False) -> DataLoader | Prefetched:
+                seed: int, drop_last: bool = False,
+                background: bool | None = None) -> DataLoader | Prefetched:
     """Batches of `dataset`; the same seed and epoch give the same batches for any `num_workers`.
 
-    With `num_workers=0` a background thread prepares the next batches (`Prefetched`);
-    otherwise worker processes do, each prefetching 4 batches.
+    With `num_workers=0` a background thread prepares the next batches (`Prefetched`) when
+    `background` (None: when a core is free for it, `cpu.spare_core`), or the consumer makes
+    each batch as it asks; otherwise worker processes do, each prefetching 4 batches.
     """
     loader = DataLoader(dataset, batch_size=None,
                         sampler=EpochBatches(dataset, batch_size, shuffle, seed, drop_last),
@@ -237,7 +273,9 @@ def make_loader(dataset: CachedImages, batch_size: int, shuffle: bool, num_worke
                         # its own generator: starting an epoch, possibly in a background thread,
                         # must not draw from the global RNG the model's dropout and mixup use
                         generator=torch.Generator().manual_seed(seed))
-    return loader if num_workers else Prefetched(loader)
+    if num_workers or not (spare_core() if background is None else background):
+        return loader
+    return Prefetched(loader)
 
 
 def channel_stats(spec: InputSpec, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -105,6 +105,50 @@ def test_random_resized_crop_draws_albumentations_boxes():
     assert np.allclose(x0, np.round(x0)) and np.allclose(cw, np.round(cw))  # whole-pixel boxes
 
 
+@pytest.mark.parametrize("preset", ["none", "light", "medium", "heavy"])
+def test_a_batch_depends_only_on_its_slots_of_the_epoch_plan(preset):
+    """Parameters are drawn for an epoch's slots at once; any batch of slots gives the pixels the
+    whole epoch gives for them (heavy's blur-or-noise keeps only the blur: a noise field is
+    seeded per batch)."""
+    compose = augment.train_transform(AugmentConfig(preset=preset, hflip=True), 16, seed=0)
+    if preset == "heavy":
+        compose = A.Compose([A.GaussianBlur(p=0.5) if isinstance(t, A.OneOf) else t
+                             for t in compose.transforms])
+    run = batch_augment.compile_compose(compose)
+    images = np.random.default_rng(0).integers(0, 256, (30, 18, 18, 3), dtype=np.uint8)
+    index = np.random.default_rng(1).permutation(30)[:24]
+    plan = run.plan(24, 3, 18, 18, np.random.default_rng(2))
+    whole = run.apply(images, index, plan)
+    parts = torch.cat([run.apply(images, index[a:a + 7], plan[a:a + 7]) for a in range(0, 24, 7)])
+    assert whole.shape == (24, 3, 16, 16) and torch.equal(parts, whole)
+    again = run.apply(images, index, run.plan(24, 3, 18, 18, np.random.default_rng(2)))
+    other = run.apply(images, index, run.plan(24, 3, 18, 18, np.random.default_rng(3)))
+    assert torch.equal(again, whole) and (preset == "none") == torch.equal(other, whole)
+
+
+@pytest.mark.parametrize("ts,stage", [
+    ([A.Resize(12, 12)], None),  # nothing moves: no stage
+    ([A.CenterCrop(8, 10)], batch_augment.Crop),
+    ([A.RandomResizedCrop((9, 9)), A.HorizontalFlip(p=0.5)], batch_augment.CropResize),
+    ([A.Affine(rotate=(-20, 20), p=1)], batch_augment.Warp),
+    ([A.RandomBrightnessContrast(p=1), A.CenterCrop(8, 8)], batch_augment.Crop),  # float batch
+    ([A.RandomBrightnessContrast(p=1), A.RandomResizedCrop((9, 9))], batch_augment.Warp),
+])
+def test_geometry_takes_the_cheapest_stage_and_reads_the_cache_rows_directly(ts, stage):
+    run = batch_augment.compile_compose(A.Compose(ts))
+    plan = run.plan(10, 3, 12, 12, np.random.default_rng(0))
+    resampling = [op for op, p in plan.stages if "mask" not in p]
+    assert [type(op) for op in resampling] == ([stage] if stage else [])
+    images = np.random.default_rng(1).integers(0, 256, (16, 12, 12, 3), dtype=np.uint8)
+    index = np.arange(16)[::-1][:10]
+    gathered = torch.from_numpy(images[index]).permute(0, 3, 1, 2)
+    direct = run.apply(images, index, plan)  # the first stage reads rows of the cache itself
+    assert torch.equal(direct, run.apply(images[index], np.arange(10), plan))
+    if stage in (batch_augment.Crop, batch_augment.CropResize) and plan.stages[0][0] == resampling[0]:
+        op, p = plan.stages[0]
+        assert torch.equal(op.gather(images, index, p), op.apply(gathered, p))
+
+
 def test_coarse_dropout_cuts_the_configured_holes():
     img = np.full((16, 16, 3), 200, np.uint8)
     out = _batched([A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(0.25, 0.25),
@@ -141,8 +185,9 @@ def test_colour_shift_is_the_same_in_either_memory_layout(dtype):
     shift = batch_augment.RGBShift([(-40 / 255, 40 / 255)] * 3)
     x = torch.from_numpy(_smooth_image(12)).expand(16, 12, 12, 3).permute(0, 3, 1, 2).to(dtype)
     mask = np.arange(16) % 3 > 0
-    nchw = shift.apply(x.clone(memory_format=torch.contiguous_format), np.random.default_rng(5), mask)
-    nhwc = shift.apply(x.clone(memory_format=torch.channels_last), np.random.default_rng(5), mask)
+    params = shift.draw(16, 3, 12, 12, np.random.default_rng(5), mask)
+    nchw = shift.apply(x.clone(memory_format=torch.contiguous_format), params)
+    nhwc = shift.apply(x.clone(memory_format=torch.channels_last), params)
     assert nhwc.dtype == dtype and torch.equal(nchw, nhwc)
     assert torch.equal(nchw[~torch.from_numpy(mask)], x[~torch.from_numpy(mask)])  # off: unchanged
     assert (nchw == 255).any() and (nchw == 0).any() and not torch.equal(nchw, x)  # saturates

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 import threading
@@ -13,10 +14,11 @@ import pytest
 import torch
 
 from conftest import write_yaml
-from pipeline import cpu, folds, predict, train
+from pipeline import cpu, data, folds, predict, train
 from pipeline.augment import train_transform
 from pipeline.config import AugmentConfig, load_experiment
-from pipeline.data import CachedImages, EpochLoaders, channel_stats, make_loader, normalize
+from pipeline.data import (CachedImages, EpochLoaders, Prefetched, channel_stats, make_loader,
+                           normalize)
 from pipeline.models import InputSpec
 
 SPEC = InputSpec((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 1.0)
@@ -27,9 +29,9 @@ def _images(n=20, side=14, channels=3, seed=0) -> np.ndarray:
 
 
 def _epoch(ds: CachedImages, epoch: int, workers: int = 0, seed: int = 5, batch: int = 6,
-           drop_last: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+           drop_last: bool = False, background: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
     ds.set_epoch(epoch)
-    return list(make_loader(ds, batch, True, workers, seed, drop_last=drop_last))
+    return list(make_loader(ds, batch, True, workers, seed, drop_last, background))
 
 
 def test_batches_cover_each_row_once_with_matching_labels():
@@ -47,9 +49,9 @@ def test_batches_cover_each_row_once_with_matching_labels():
     assert torch.cat([y for _, y in unshuffled]).tolist() == (rows * 10).tolist()
 
 
-def _augmented(compose, workers: int, epoch: int = 0, seed: int = 1):
+def _augmented(compose, workers: int, epoch: int = 0, seed: int = 1, background: bool = True):
     ds = CachedImages(_images(), np.arange(20), np.arange(20), compose, seed=seed)
-    return torch.cat([x for x, _ in _epoch(ds, epoch, workers)])
+    return torch.cat([x for x, _ in _epoch(ds, epoch, workers, background=background)])
 
 
 @pytest.mark.parametrize("compose", [
@@ -60,16 +62,33 @@ def test_same_seed_same_batches_with_any_number_of_workers(compose):
     plain = _augmented(compose, workers=0)
     assert torch.equal(plain, _augmented(compose, workers=0))
     assert torch.equal(plain, _augmented(compose, workers=2))
+    assert torch.equal(plain, _augmented(compose, workers=0, background=False))
     assert not torch.equal(plain, _augmented(compose, workers=0, epoch=1))
     assert not torch.equal(plain, _augmented(compose, workers=0, seed=2))
     assert _augmented(compose, workers=0, seed=-3).shape == plain.shape  # any seed works
 
 
+@pytest.mark.parametrize("slots", [40, 1 << 14])  # 2 epochs of 20 slots per draw; all of them
+def test_epochs_augment_alike_however_their_parameters_are_drawn_and_kept(monkeypatch, slots):
+    monkeypatch.setattr(data, "PLAN_SLOTS", slots)
+    compose = train_transform(AugmentConfig(preset="medium"), 12, seed=0)
+    ds = CachedImages(_images(), np.arange(20), np.arange(20), compose, seed=4)
+    in_turn = [torch.cat([x for x, _ in _epoch(ds, e)]) for e in range(5)]
+    assert len(ds._plans) <= 2  # draws for epochs long gone are dropped
+    for e in (3, 0, 4):  # a fresh dataset draws the epoch's block on its own
+        fresh = CachedImages(_images(), np.arange(20), np.arange(20), compose, seed=4)
+        assert torch.equal(torch.cat([x for x, _ in _epoch(fresh, e)]), in_turn[e])
+    assert not any(torch.equal(a, b) for i, a in enumerate(in_turn) for b in in_turn[i + 1:])
+    maps = [ds.plan(e, 0, 20).stages[0][1]["m"] for e in range(4)]  # medium: one Warp first
+    assert not any(np.array_equal(a, b) for i, a in enumerate(maps) for b in maps[i + 1:])
+    np.testing.assert_array_equal(ds.plan(3, 5, 10).stages[0][1]["m"], maps[3][5:15])
+
+
 class _Failing(CachedImages):
-    def batch(self, positions, epoch=0, number=0):
-        if number == 2:
+    def batch(self, positions, epoch=0, start=0):
+        if start == 8:
             raise ValueError("broken batch 2")
-        return super().batch(positions, epoch, number)
+        return super().batch(positions, epoch, start)
 
 
 def test_loaders_made_an_epoch_ahead_give_the_same_batches_and_unused_ones_stop():
@@ -78,7 +97,7 @@ def test_loaders_made_an_epoch_ahead_give_the_same_batches_and_unused_ones_stop(
 
     def loader(epoch: int):
         ds.set_epoch(epoch)
-        return make_loader(ds, 6, True, 0, 100 + epoch)
+        return make_loader(ds, 6, True, 0, 100 + epoch, background=True)
 
     def tensors(batches):
         return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
@@ -102,12 +121,13 @@ def test_loaders_made_an_epoch_ahead_give_the_same_batches_and_unused_ones_stop(
 
 def test_background_batches_pass_errors_on_and_stop_cleanly():
     threads = torch.get_num_threads()
-    loader = make_loader(_Failing(_images(), np.arange(20), None), 4, False, 0, 0)
+    loader = make_loader(_Failing(_images(), np.arange(20), None), 4, False, 0, 0, background=True)
     it = iter(loader)
     assert len(loader) == 5 and next(it)[0].shape == (4, 3, 14, 14)
     with pytest.raises(ValueError, match="broken batch 2"):
         list(it)
-    first = next(iter(make_loader(CachedImages(_images(), np.arange(20), None), 2, False, 0, 0)))
+    first = next(iter(make_loader(CachedImages(_images(), np.arange(20), None), 2, False, 0, 0,
+                                  background=True)))
     assert first[0].shape[0] == 2  # leaving a loader early does not hang
     assert torch.get_num_threads() == threads
     seen = []
@@ -117,8 +137,27 @@ def test_background_batches_pass_errors_on_and_stop_cleanly():
     assert seen[0][1] == threads  # threads made later still get the process's thread count
 
 
+@pytest.mark.parametrize("spare", [True, False])
+def test_a_background_thread_makes_batches_only_when_a_core_is_free_for_it(monkeypatch, spare):
+    monkeypatch.setattr(data, "spare_core", lambda: spare)
+    ds = CachedImages(_images(), np.arange(20), np.arange(20))
+    assert isinstance(make_loader(ds, 4, False, 0, 0), Prefetched) == spare
+    assert isinstance(make_loader(ds, 4, False, 0, 0, background=not spare), Prefetched) != spare
+    assert not isinstance(make_loader(ds, 4, False, 1, 0), Prefetched)  # workers make them
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(cores)
+        assert not cpu.spare_core()
+        if cores > 1:
+            torch.set_num_threads(cores - 1)
+            assert cpu.spare_core()
+    finally:
+        torch.set_num_threads(threads)
+
+
 class _ThreadReport(CachedImages):
-    def batch(self, positions, epoch=0, number=0):
+    def batch(self, positions, epoch=0, start=0):
         return torch.tensor([cv2.getNumThreads(), torch.get_num_threads()]), torch.zeros(1)
 
 

@@ -36,6 +36,7 @@ from pipeline import finetune, train
 from pipeline.augment import train_transform
 from pipeline.bench import CONFIGS, ensure_demo_inputs, experiment_configs
 from pipeline.config import ExperimentConfig, load_experiment
+from pipeline.cpu import spare_core
 from pipeline.data import EpochLoaders, PerImage, normalize
 
 TARGET = 0.90
@@ -184,11 +185,17 @@ def bench_experiment(path: Path) -> dict:
     nhwc = channels_last_speedup(s, real.mixer, min(n_batches, 6), epochs, MIN_REPS)
     return dict(experiment=cfg.experiment, model=cfg.model.backbone, size=cfg.image_size,
                 side=s.side, preset="custom" if cfg.augment.custom else cfg.augment.preset,
-                workers=cfg.train.num_workers, batch=cfg.train.batch_size, epochs=epochs, reps=reps,
+                loader=loader_kind(cfg.train.num_workers), batch=cfg.train.batch_size,
+                epochs=epochs, reps=reps,
                 real=statistics.median(real_rates), synthetic=statistics.median(synth_rates),
                 ratio=statistics.median(ratios), later_epoch_s=later,
                 normalize_us=normalize_cost(synthetic.batches()[0][0], s.spec),
                 channels_last=cfg.train.channels_last, nhwc_speedup=nhwc, **cache)
+
+
+def loader_kind(workers: int) -> str:
+    """Who makes the batches: worker processes, a background thread or the training thread."""
+    return f"{workers} proc" if workers else "thread" if spare_core() else "main"
 
 
 def normalize_cost(x: torch.Tensor, spec) -> float:
@@ -210,7 +217,7 @@ COLUMNS = (  # title, width, cell
     ("model", -21, lambda r: r["model"]),
     ("px", 7, lambda r: f"{r['side']}>{r['size']}"),
     ("preset", -6, lambda r: r["preset"]),
-    ("wk", 2, lambda r: r["workers"]),
+    ("loader", -6, lambda r: r["loader"]),
     ("n", 2, lambda r: r["reps"]),
     ("real/s", 7, lambda r: f"{r['real']:.0f}"),
     ("random/s", 8, lambda r: f"{r['synthetic']:.0f}"),
@@ -223,7 +230,9 @@ COLUMNS = (  # title, width, cell
     ("NHWC", 6, lambda r: f"{r['nhwc_speedup']:.2f}x" + ("*" if r["channels_last"] else "")),
     ("", -12, lambda r: "ok" if r["ratio"] >= TARGET else "BELOW TARGET"),
 )
-LEGEND = ("px = cached side > training size; wk = DataLoader workers (0: a background thread); "
+LEGEND = ("px = cached side > training size; loader = who makes the batches: DataLoader worker "
+          "processes, or with train.num_workers 0 a background thread (when a core is free for it) "
+          "or the training thread between steps (main); "
           "n = repetitions; 1st epoch = building a fresh cache + the first epoch; later = a warm "
           "epoch; reopen = preparing with the cache built; norm = normalising one batch (both "
           "arms); NHWC = the random-batch step's speed in channels_last over NCHW (* = the config "
