@@ -1,8 +1,10 @@
 """The benchmarks run end to end on a tiny competition and report sane ratios (not timed)."""
+import threading
+
 import pytest
 
 from conftest import EXPERIMENT, write_yaml
-from pipeline import folds
+from pipeline import data, folds
 from pipeline.bench import data_path, tta
 
 
@@ -17,12 +19,21 @@ def experiment(tiny, monkeypatch):
     return path
 
 
-def test_data_path_bench_measures_both_arms_and_the_cache(experiment):
+@pytest.mark.parametrize("spare_core", [False, True])
+def test_data_path_bench_measures_both_arms_and_the_cache(experiment, monkeypatch, spare_core):
+    monkeypatch.setattr(data, "spare_core", lambda: spare_core)
+    monkeypatch.setattr(data_path, "spare_core", lambda: spare_core)
+    load = data_path.load_experiment  # batches of 2: a thread made ahead would block, left running
+    monkeypatch.setattr(data_path, "load_experiment",
+                        lambda path, overrides: load(path, [*overrides, "train.batch_size=2"]))
+    before = set(threading.enumerate())
     r = data_path.bench_experiment(experiment)
     assert (r["experiment"], r["side"], r["preset"], r["reps"]) == ("exp", 16, "light", data_path.MIN_REPS)
+    assert r["loader"] == ("thread" if spare_core else "main")
     assert r["real"] > 0 and r["synthetic"] > 0 and r["ratio"] > 0
     assert r["first_epoch_s"] >= r["cache_build_s"] > 0 and r["nhwc_speedup"] > 0
     assert 0 < data_path.per_image_ratio(experiment)
+    assert not [t for t in set(threading.enumerate()) - before if t.name == "prefetch"]
 
 
 def test_tta_bench_compares_ten_crop_views_with_plain_images(experiment):

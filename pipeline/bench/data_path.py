@@ -48,9 +48,10 @@ FOLD = 0
 class Arm:
     """One side of the comparison: a callable running one epoch, and its batch count."""
 
-    def __init__(self, s: train.Setup, model, optimizer, mixer, batches):
+    def __init__(self, s: train.Setup, model, optimizer, mixer, batches, close=lambda: None):
         self.s, self.model, self.optimizer, self.mixer = s, model, optimizer, mixer
         self.batches = batches  # () -> iterable of (uint8 x, y)
+        self.close = close  # stops what the arm left running (a loader made ahead)
         self.state = dict(step=0)
 
     def epoch(self) -> int:
@@ -72,14 +73,15 @@ def real_loader(s: train.Setup, rows: np.ndarray, per_image: bool = False):
     """Fold 0's training loaders, made as `train_fold` makes them, one new epoch per call.
 
     `per_image` swaps the batched augmentation for albumentations image by image (the path
-    custom lists with unbatched transforms take), to show what batching buys.
+    custom lists with unbatched transforms take), to show what batching buys. Also returns
+    the function that stops the loader made ahead.
     """
     ds = train.train_dataset(s, FOLD, rows)
     if per_image:
         ds.augment = PerImage(train_transform(s.cfg.augment, s.cfg.image_size, s.cfg.seed))
     loaders = EpochLoaders(lambda e: train.epoch_loader(s, ds, FOLD, e), 10**9)
     epoch = iter(range(10**9))
-    return lambda: loaders.get(next(epoch))
+    return (lambda: loaders.get(next(epoch))), loaders.close
 
 
 def interleaved_rates(a: Arm, b: Arm, epochs: int, reps: int) -> tuple[list[float], list[float]]:
@@ -133,7 +135,7 @@ def fold_arms(cfg: ExperimentConfig, per_image: bool = False):
     rows = np.flatnonzero(s.folds != FOLD)
     model, optimizer = model_and_optimizer(s)
     mixer = train.make_mixer(cfg, len(s.comp.classes))
-    real = Arm(s, model, optimizer, mixer, real_loader(s, rows, per_image))
+    real = Arm(s, model, optimizer, mixer, *real_loader(s, rows, per_image))
     synthetic = Arm(s, model, optimizer, mixer, synthetic_loader(s, len(real.batches())))
     return s, rows, real, synthetic
 
@@ -143,6 +145,7 @@ def per_image_ratio(path: Path) -> float:
     _, _, slow, synthetic = fold_arms(load_experiment(path, ["model.pretrained=false"]), True)
     slow.rate(1), synthetic.rate(1)  # warm-up
     slow_rates, synth_rates = interleaved_rates(slow, synthetic, 1, MIN_REPS)
+    slow.close()
     return statistics.median(a / b for a, b in zip(slow_rates, synth_rates))
 
 
@@ -161,10 +164,12 @@ def cold_and_warm(path: Path, rows: np.ndarray) -> dict:
         cfg = load_experiment(path, ["model.pretrained=false", f"data.cache_dir={tmp}"])
         s, build = setup(cfg)
         model, optimizer = model_and_optimizer(s)
-        arm = Arm(s, model, optimizer, train.make_mixer(cfg, len(s.comp.classes)), real_loader(s, rows))
+        arm = Arm(s, model, optimizer, train.make_mixer(cfg, len(s.comp.classes)),
+                  *real_loader(s, rows))
         start = time.perf_counter()
         arm.epoch()
         first = build + time.perf_counter() - start
+        arm.close()
         _, reopen = setup(cfg)
     return dict(cache_build_s=build, first_epoch_s=first, cache_open_s=reopen)
 
@@ -180,6 +185,7 @@ def bench_experiment(path: Path) -> dict:
     epochs = max(1, math.ceil(MIN_SECONDS / epoch_s))
     reps = max(MIN_REPS, min(MAX_REPS, int(BUDGET_S / (2 * epochs * epoch_s))))
     real_rates, synth_rates = interleaved_rates(real, synthetic, epochs, reps)
+    real.close()
     ratios = [r / q for r, q in zip(real_rates, synth_rates)]
     later = images / statistics.median(real_rates)
     nhwc = channels_last_speedup(s, real.mixer, min(n_batches, 6), epochs, MIN_REPS)
