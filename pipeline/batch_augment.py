@@ -11,6 +11,7 @@ A pipeline with any other transform compiles to None and the caller applies it i
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import albumentations as A
@@ -629,7 +630,28 @@ class Plan:
         return Plan([(op, _take(p, rows)) for op, p in self.stages])
 
 
-class BatchAugment:
+class BatchTransform(ABC):
+    """What a loader needs of an augmentation: `plan` draws parameters for many image slots at
+    once, `apply` runs a batch's slice of them on uint8 rows of the cache; calling it does both
+    for one batch."""
+
+    @abstractmethod
+    def plan(self, n: int, c: int, h: int, w: int, rng: Rng) -> Plan:
+        """Parameters for n slots of c x h x w images."""
+
+    @abstractmethod
+    def apply(self, images: np.ndarray, index: np.ndarray, plan: Plan) -> Tensor:
+        """Rows `index` of the uint8 N x H x W x C `images`, augmented by `plan` (one per row)."""
+
+    def __call__(self, x: Tensor, rng: Rng) -> Tensor:
+        """A uint8 N x C x H x W batch augmented with parameters drawn from `rng`."""
+        if x.dtype != torch.uint8:
+            raise TypeError(f"expected a uint8 batch, got {x.dtype}")
+        n, c, h, w = x.shape
+        return self.apply(_nhwc(x), np.arange(n), self.plan(n, c, h, w, rng))
+
+
+class BatchAugment(BatchTransform):
     """A compiled pipeline: `plan` draws parameters for many slots at once, `apply` runs a
     batch's slice of them on uint8 rows of the cache, N x C x H x W -> N x C x h x w.
 
@@ -683,13 +705,6 @@ class BatchAugment:
             elif p["mask"].any():
                 out = op.apply(out if getattr(op, "keeps_uint8", False) else out.float(), p)
         return out
-
-    def __call__(self, x: Tensor, rng: Rng) -> Tensor:
-        """A uint8 N x C x H x W batch augmented with parameters drawn from `rng`."""
-        if x.dtype != torch.uint8:
-            raise TypeError(f"expected a uint8 batch, got {x.dtype}")
-        n, c, h, w = x.shape
-        return self.apply(_nhwc(x), np.arange(n), self.plan(n, c, h, w, rng))
 
 
 def compile_compose(compose: A.Compose) -> BatchAugment | None:

@@ -4,9 +4,9 @@ A loader hands out whole batches: the sampler (in the main process) turns an epo
 `BatchKey`s, and the dataset gathers a key's rows from the memory-mapped cache and augments
 them in one go: in worker processes or a background thread of the main process while the
 model trains on the previous batch, or, with no core free for either, in the training thread
-between steps. The augmentation's parameters are drawn for whole
-epochs of slots at once, from the seed and the epoch alone, and each batch takes its slots'
-share, so a seed gives the same batches whatever the number of workers.
+between steps. The augmentation's parameters are drawn for whole epochs of slots at once,
+from the seed and the epoch alone, and each batch takes its slots' share, so a seed gives the
+same batches whatever the number of workers.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipeline.batch_augment import Plan, compile_compose, gather_rows
+from pipeline.batch_augment import BatchTransform, Plan, compile_compose, gather_rows
 from pipeline.cpu import one_openmp_thread, spare_core
 from pipeline.models import InputSpec
 
@@ -38,9 +38,9 @@ class BatchKey:
     positions: np.ndarray
 
 
-class PerImage:
+class PerImage(BatchTransform):
     """Fallback for pipelines with no batched equivalent: albumentations image by image, seeded
-    per batch by its first slot (the same interface as `BatchAugment`)."""
+    per batch by its first slot."""
 
     def __init__(self, compose: A.Compose):
         self.compose = compose
@@ -55,19 +55,14 @@ class PerImage:
         out = np.stack([o[:, :, None] if o.ndim == 2 else o for o in out])
         return torch.from_numpy(out).permute(0, 3, 1, 2)
 
-    def __call__(self, x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        n, c, h, w = x.shape
-        images = np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy())
-        return self.apply(images, np.arange(n), self.plan(n, c, h, w, rng))
-
 
 def seeded(*values: int) -> np.random.Generator:
     """A generator determined by the integers given (any sign)."""
     return np.random.default_rng([v % 2**64 for v in values])
 
 
-def batch_transform(compose: A.Compose | None):
-    """`f(uint8 N x C x H x W, numpy generator) -> batch` running `compose` (None: identity)."""
+def batch_transform(compose: A.Compose | None) -> BatchTransform | None:
+    """`compose` run a batch at a time where it compiles, else image by image (None: none)."""
     if compose is None:
         return None
     return compile_compose(compose) or PerImage(compose)

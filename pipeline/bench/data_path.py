@@ -136,7 +136,8 @@ def fold_arms(cfg: ExperimentConfig, per_image: bool = False):
     model, optimizer = model_and_optimizer(s)
     mixer = train.make_mixer(cfg, len(s.comp.classes))
     real = Arm(s, model, optimizer, mixer, *real_loader(s, rows, per_image))
-    synthetic = Arm(s, model, optimizer, mixer, synthetic_loader(s, len(real.batches())))
+    n_batches = train.steps_per_epoch(len(rows), cfg.train.batch_size)  # a real epoch's
+    synthetic = Arm(s, model, optimizer, mixer, synthetic_loader(s, n_batches))
     return s, rows, real, synthetic
 
 
