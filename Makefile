@@ -7,9 +7,15 @@ SHELL := /bin/bash
 
 COMP ?= digits
 SET ?=
+DEVICE ?=
+GPUS ?= 1
 VENV := .venv
-PY := $(VENV)/bin/python
+PY ?= $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# PY=python3 (an interpreter with the requirements, e.g. on a GPU box) skips the virtual environment
+SETUP := $(if $(filter $(VENV)/bin/python,$(PY)),$(STAMP))
+OVERRIDES := $(SET) $(if $(DEVICE),device=$(DEVICE))
+TRAIN := $(if $(filter-out 1,$(GPUS)),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(GPUS) -m pipeline.train,$(PY) -m pipeline.train)
 CONF := configs/$(COMP)
 EXPS := $(filter-out competition ensemble,$(basename $(notdir $(wildcard $(CONF)/*.yaml))))
 OOFS := $(EXPS:%=runs/$(COMP)/%/oof.csv)
@@ -30,25 +36,25 @@ $(STAMP): requirements.txt
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $@
 
-setup: $(STAMP) ## create .venv from requirements.txt
+setup: $(SETUP) ## create .venv from requirements.txt
 
-data/digits/solution.csv: | $(STAMP)
+data/digits/solution.csv: | $(SETUP)
 	$(PY) -m pipeline.demo build
 
-folds/%.csv: configs/%/competition.yaml | $(STAMP)
-	$(PY) -m pipeline.folds $< $(SET)
+folds/%.csv: configs/%/competition.yaml | $(SETUP)
+	$(PY) -m pipeline.folds $< $(OVERRIDES)
 
-runs/%/oof.csv: configs/%.yaml configs/$$(*D)/competition.yaml folds/$$(*D).csv | $(STAMP)
-	$(PY) -m pipeline.train $< $(SET)
+runs/%/oof.csv: configs/%.yaml configs/$$(*D)/competition.yaml folds/$$(*D).csv | $(SETUP)
+	$(TRAIN) $< $(OVERRIDES)
 
 runs/%/test.csv: runs/%/oof.csv
-	$(PY) -m pipeline.predict configs/$*.yaml $(SET)
+	$(PY) -m pipeline.predict configs/$*.yaml $(OVERRIDES)
 
 $(WEIGHTS): $(CONF)/ensemble.yaml $(TESTS)
-	$(PY) -m pipeline.ensemble $< $(SET)
+	$(PY) -m pipeline.ensemble $< $(OVERRIDES)
 
 $(SUBMISSION): $(WEIGHTS)
-	$(PY) -m pipeline.submit $(CONF)/ensemble.yaml $(SET)
+	$(PY) -m pipeline.submit $(CONF)/ensemble.yaml $(OVERRIDES)
 
 folds: folds/$(COMP).csv ## split the train table into folds (COMP=...)
 train: $(OOFS) ## train every experiment of COMP on every fold
@@ -57,25 +63,25 @@ ensemble: $(WEIGHTS) ## tune blend weights on the OOF
 submit: $(SUBMISSION) ## write submissions/$(COMP).csv
 all: $(SUBMISSION) ## folds, train, predict, ensemble, submit for COMP
 
-$(LITE0): | $(STAMP)
+$(LITE0): | $(SETUP)
 	$(PY) -m pipeline.weights $@
 
 weights: $(LITE0) ## convert the bundled ImageNet EfficientNet-Lite0 weights to timm format
 
-preview: $(STAMP) ## PNG grid of original vs augmented samples (EXP=configs/<comp>/<exp>.yaml)
-	$(PY) -m pipeline.preview $(EXP) $(SET)
+preview: $(SETUP) ## PNG grid of original vs augmented samples (EXP=configs/<comp>/<exp>.yaml)
+	$(PY) -m pipeline.preview $(EXP) $(OVERRIDES)
 
-demo: $(STAMP) $(LITE0) data/digits/solution.csv ## build the digits demo and run the whole chain
-	$(MAKE) --no-print-directory all COMP=digits
+demo: $(SETUP) $(LITE0) data/digits/solution.csv ## build the digits demo and run the whole chain
+	$(MAKE) --no-print-directory all COMP=digits PY=$(PY)
 	$(PY) -m pipeline.demo score
 
-test: $(STAMP) ## run the test suite
+test: $(SETUP) ## run the test suite
 	$(PY) -m pytest -q tests
 
-bench: $(STAMP) ## benchmarks: data path, TTA and ensemble throughput
-	$(PY) -m pipeline.bench
+bench: $(SETUP) ## benchmarks: data path, TTA, ensemble; DEVICE=cuda: the GPU device check
+	$(if $(DEVICE),$(PY) -m pipeline.bench.device_check --device $(DEVICE),$(PY) -m pipeline.bench)
 
-reports: $(STAMP) $(LITE0) data/digits/solution.csv ## rerun the committed CV comparison reports (slow; writes reports/*.md)
+reports: $(SETUP) $(LITE0) data/digits/solution.csv ## rerun the committed CV comparison reports (slow; writes reports/*.md)
 	$(MAKE) --no-print-directory predict COMP=digits
 	$(PY) -m pipeline.bench.reports
 

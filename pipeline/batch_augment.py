@@ -212,9 +212,14 @@ def _masked(values: np.ndarray, mask: np.ndarray, neutral: float) -> np.ndarray:
     return np.where(mask, values, neutral).astype(np.float32)
 
 
-def _per_image(values: np.ndarray) -> Tensor:
-    """n values shaped to broadcast over an N x C x H x W batch."""
-    return torch.from_numpy(values).view(-1, 1, 1, 1)
+def _on(x: Tensor, values: np.ndarray) -> Tensor:
+    """`values` as a tensor on `x`'s device (the same memory when that is the CPU)."""
+    return torch.from_numpy(values).to(x.device, non_blocking=True)
+
+
+def _per_image(values: np.ndarray, x: Tensor) -> Tensor:
+    """n values shaped to broadcast over the N x C x H x W batch `x`, on its device."""
+    return _on(x, values).view(-1, 1, 1, 1)
 
 
 @dataclass
@@ -255,9 +260,9 @@ def _per_channel(x: Tensor, op) -> Tensor:
     n, c, h, w = x.shape
     if c > 1 and x.is_contiguous(memory_format=torch.channels_last):
         def rows(v: np.ndarray) -> Tensor:
-            return torch.from_numpy(np.repeat(v[:, None], w, axis=1).reshape(n, 1, w * c))
+            return _on(x, np.repeat(v[:, None], w, axis=1).reshape(n, 1, w * c))
         return op(x.permute(0, 2, 3, 1).view(n, h, w * c), rows).view(n, h, w, c).permute(0, 3, 1, 2)
-    return op(x, lambda v: torch.from_numpy(v.reshape(n, c, 1, 1)))
+    return op(x, lambda v: _on(x, v.reshape(n, c, 1, 1)))
 
 
 @dataclass
@@ -278,8 +283,8 @@ class RandomBrightnessContrast:
         return dict(alpha=alpha, beta=_masked(rng.uniform(*self.brightness, n), mask, 0.0))
 
     def apply(self, x: Tensor, p: dict) -> Tensor:
-        beta = _per_image(p["beta"]) * (255.0 if self.by_max else x.mean((1, 2, 3), keepdim=True))
-        return torch.addcmul(beta, x, _per_image(p["alpha"])).clamp_(0, 255)
+        beta = _per_image(p["beta"], x) * (255.0 if self.by_max else x.mean((1, 2, 3), keepdim=True))
+        return torch.addcmul(beta, x, _per_image(p["alpha"], x)).clamp_(0, 255)
 
 
 def rgb_to_hsv(x: Tensor) -> Tensor:
@@ -288,7 +293,7 @@ def rgb_to_hsv(x: Tensor) -> Tensor:
     v, top = x.max(1)
     delta = v - x.min(1)[0]
     safe = torch.where(delta > 0, delta, 1.0)
-    base = torch.tensor([0.0, 2.0, 4.0])[top]  # which channel is largest picks the sector
+    base = torch.tensor([0.0, 2.0, 4.0], device=x.device)[top]  # the largest channel: the sector
     num = torch.where(top == 0, g - b, torch.where(top == 1, b - r, r - g))
     hue = torch.where(delta > 0, ((base + num / safe) * 60.0) % 360.0, 0.0)
     sat = delta / torch.where(v > 0, v, 1.0)
@@ -297,7 +302,7 @@ def rgb_to_hsv(x: Tensor) -> Tensor:
 
 def hsv_to_rgb(hsv: Tensor) -> Tensor:
     hue, sat, v = (t[:, None] for t in hsv.unbind(1))
-    k = (torch.tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1) + hue / 60.0) % 6.0
+    k = (torch.tensor([5.0, 3.0, 1.0], device=hsv.device).view(1, 3, 1, 1) + hue / 60.0) % 6.0
     return v - v * sat * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
 
 
@@ -319,8 +324,8 @@ class HueSaturationValue:
     def apply(self, x: Tensor, p: dict) -> Tensor:
         c, mask = x.shape[1], p["mask"]
         hue, sat, val = (p[k][mask] for k in ("hue", "sat", "val"))
-        idx = torch.from_numpy(np.flatnonzero(mask))
-        shift = lambda t: torch.from_numpy(t.astype(np.float32)).view(-1, 1, 1)  # noqa: E731
+        idx = _on(x, np.flatnonzero(mask))
+        shift = lambda t: _on(x, t.astype(np.float32)).view(-1, 1, 1)  # noqa: E731
         if c == 1:  # grayscale: only the value shift applies (as in albumentations)
             x[idx] = (x[idx] + shift(val)[:, None]).clamp_(0, 255)
             return x
@@ -361,8 +366,8 @@ class GaussianBlur:
         mask = p["mask"]
         sigma, ksize = p["sigma"][mask], p["ksize"][mask]
         width = int(ksize.max())
-        kernel = _gauss_kernels(sigma, ksize, width).repeat_interleave(c, 0)
-        idx = torch.from_numpy(np.flatnonzero(mask))
+        kernel = _gauss_kernels(sigma, ksize, width).to(x.device).repeat_interleave(c, 0)
+        idx = _on(x, np.flatnonzero(mask))
         pad = width // 2
         mode = "reflect" if pad < min(h, w) else "replicate"  # reflect = cv2's BORDER_REFLECT_101
         y = F.pad(x[idx].reshape(1, -1, h, w), (pad, pad, pad, pad), mode=mode)
@@ -392,9 +397,10 @@ class GaussNoise:
 
     def apply(self, x: Tensor, p: dict) -> Tensor:
         n, c, h, w = x.shape
-        gen = torch.Generator().manual_seed(int(p["seed"][0]))  # the batch's first slot seeds it
-        noise = torch.randn((n, c if self.per_channel else 1, h, w), generator=gen)
-        noise = torch.addcmul(_per_image(p["mean"]), noise, _per_image(p["std"]))
+        # the batch's first slot seeds it
+        gen = torch.Generator(x.device).manual_seed(int(p["seed"][0]))
+        noise = torch.randn((n, c if self.per_channel else 1, h, w), generator=gen, device=x.device)
+        noise = torch.addcmul(_per_image(p["mean"], x), noise, _per_image(p["std"], x))
         return x.add_(noise).clamp_(0, 255)
 
 
@@ -434,8 +440,8 @@ class CoarseDropout:
         in_rows = (rows >= y0[..., None]) & (rows < (y0 + hh)[..., None]) & active[..., None]
         in_cols = (cols >= x0[..., None]) & (cols < (x0 + ww)[..., None])
         # a pixel is in a hole when some hole covers both its row and its column
-        hits = torch.from_numpy(in_rows.transpose(0, 2, 1).astype(np.float32)) \
-            @ torch.from_numpy(in_cols.astype(np.float32))
+        hits = _on(x, in_rows.transpose(0, 2, 1).astype(np.float32)) \
+            @ _on(x, in_cols.astype(np.float32))
         return x.masked_fill_(hits[:, None] > 0, self.fill)
 
 
@@ -555,7 +561,7 @@ class CropResize:
         return self._resize(images, index.tolist(), p)
 
     def apply(self, x: Tensor, p: dict) -> Tensor:
-        return self._resize(_nhwc(x), range(len(x)), p)
+        return self._resize(_nhwc(x.cpu()), range(len(x)), p).to(x.device)
 
     def _resize(self, images: np.ndarray, index, p: dict) -> Tensor:
         out = np.empty((len(index), self.h, self.w, images.shape[3]), np.uint8)
@@ -582,9 +588,10 @@ class Warp:
         n, _, sh, sw = x.shape
         x = x.float() if x.dtype == torch.uint8 else x
         to_unit = _scale_shift(2.0 / sw, 2.0 / sh, 1.0 / sw - 1.0, 1.0 / sh - 1.0, n)
-        g = torch.from_numpy((to_unit @ p["m"])[:, :2].astype(np.float32))  # -> [-1, 1]
-        u, v = torch.arange(self.w, dtype=torch.float32), torch.arange(self.h, dtype=torch.float32)
-        grid = torch.empty(n, self.h, self.w, 2)
+        g = _on(x, (to_unit @ p["m"])[:, :2].astype(np.float32))  # -> [-1, 1]
+        u = torch.arange(self.w, dtype=torch.float32, device=x.device)
+        v = torch.arange(self.h, dtype=torch.float32, device=x.device)
+        grid = torch.empty(n, self.h, self.w, 2, device=x.device)
         for axis in (0, 1):  # coordinate = a*u + b*v + c, as a row term plus a column term
             grid[..., axis] = (g[:, axis, 0:1] * u)[:, None, :] \
                 + (g[:, axis, 1:2] * v + g[:, axis, 2:3])[:, :, None]
@@ -699,12 +706,24 @@ class BatchAugment(BatchTransform):
             out, stages = stages[0][0].gather(images, index, stages[0][1]), stages[1:]
         else:
             out = gather_rows(images, index)
-        for op, p in stages:
+        return self.run(out, Plan(stages))
+
+    @staticmethod
+    def split(plan: Plan) -> tuple[Plan, Plan]:
+        """(what reads the cache, the rest): a first stage that gathers its rows straight from
+        the cache (a crop or cv2 resizes) stays with the loader, the rest may run on a GPU."""
+        cut = 1 if plan.stages and hasattr(plan.stages[0][0], "gather") else 0
+        return Plan(plan.stages[:cut]), Plan(plan.stages[cut:])
+
+    @staticmethod
+    def run(x: Tensor, plan: Plan) -> Tensor:
+        """`plan`'s stages on a batch, on whatever device it is."""
+        for op, p in plan.stages:
             if "mask" not in p:  # resampling
-                out = op.apply(out, p)
+                x = op.apply(x, p)
             elif p["mask"].any():
-                out = op.apply(out if getattr(op, "keeps_uint8", False) else out.float(), p)
-        return out
+                x = op.apply(x if getattr(op, "keeps_uint8", False) else x.float(), p)
+        return x
 
 
 def compile_compose(compose: A.Compose) -> BatchAugment | None:

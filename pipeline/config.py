@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -51,9 +51,13 @@ class SubmissionConfig(Strict):
     positive_class: str | None = None
 
 
+Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")]
+
+
 class CompetitionConfig(Strict):
     name: str
     data: DataConfig
+    device: Device = "auto"  # where tensors run; not part of a run's identity (pipeline.device)
     task: Literal["multiclass", "binary"] = "multiclass"
     metric: Metric = "accuracy"
     folds: FoldsConfig = FoldsConfig()
@@ -103,6 +107,12 @@ class TrainConfig(Strict):
     num_workers: int = Field(0, ge=0)  # 0: a background thread if a core is free, else the main one
     eval_batch_size: int = Field(256, ge=1)
     channels_last: bool = False  # NHWC model and inputs: faster for some models (`make bench`)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 on GPU, fp32 on CPU
+    accumulate: int = Field(1, ge=1)  # micro-batches per optimizer step
+    compile: bool = False  # torch.compile the model
+    sync_bn: bool = False  # SyncBatchNorm across GPUs under torchrun
+    deterministic: bool = False  # torch's deterministic algorithms on GPU (slower)
+    augment_on: Literal["auto", "loader", "device"] = "auto"  # auto: the device when it is a GPU
 
 
 class AugmentConfig(Strict):

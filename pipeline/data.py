@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipeline.batch_augment import BatchTransform, Plan, compile_compose, gather_rows
+from pipeline.batch_augment import BatchAugment, BatchTransform, Plan, compile_compose, gather_rows
 from pipeline.cpu import one_openmp_thread, spare_core
 from pipeline.models import InputSpec
 
@@ -77,13 +77,15 @@ class CachedImages(Dataset):
     """
 
     def __init__(self, images: np.ndarray, rows: np.ndarray, labels: np.ndarray | None,
-                 transform: A.Compose | None = None, seed: int = 0):
+                 transform: A.Compose | None = None, seed: int = 0, defer: bool = False):
         # a plain view of a memory map: indexing a np.memmap costs a subclass round trip
         self.images, self.rows = np.asarray(images), np.asarray(rows, dtype=np.int64)
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         self.augment = batch_transform(transform)
         self.seed, self.epoch = seed, 0
         self._plans: dict[int, Plan] = {}
+        # defer: leave every stage after reading the cache to the consumer's device
+        self.defer = defer and isinstance(self.augment, BatchAugment)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -110,15 +112,18 @@ class CachedImages(Dataset):
 
     def batch(self, positions: np.ndarray, epoch: int = 0, start: int = 0):
         """The rows at `positions` as (N x C x h x w batch, labels), augmented as the slots
-        `start`, `start` + 1, ... of `epoch`."""
+        `start`, `start` + 1, ... of `epoch`. With `defer`, (batch read from the cache, labels,
+        the rest of the augmentation's plan), for `finish_augment` on the model's device."""
         index = self.rows[positions]
-        if self.augment is None:
-            x = gather_rows(self.images, index)
-        else:
-            x = self.augment.apply(self.images, index, self.plan(epoch, start, len(index)))
         y = (torch.full((len(positions),), -1, dtype=torch.int64) if self.labels is None
              else torch.from_numpy(self.labels[positions]))
-        return x, y
+        if self.augment is None:
+            return gather_rows(self.images, index), y
+        plan = self.plan(epoch, start, len(index))
+        if self.defer:
+            here, rest = BatchAugment.split(plan)
+            return self.augment.apply(self.images, index, here), y, rest
+        return self.augment.apply(self.images, index, plan), y
 
     def __getitem__(self, key: BatchKey):
         return self.batch(key.positions, key.epoch, key.start)
@@ -126,23 +131,33 @@ class CachedImages(Dataset):
 
 class EpochBatches(Sampler):
     """Keys of one epoch's batches: shuffled by `seed` (fixed per loader), tagged with the
-    dataset's epoch when the sampler was made (so a loader made ahead keeps its own epoch)."""
+    dataset's epoch when the sampler was made (so a loader made ahead keeps its own epoch).
+
+    With `shard` = (rank, world size), global batch k holds `world * batch_size` slots of one
+    permutation, whatever the world size, and rank r takes its r-th `batch_size` slots: the
+    ranks' shards are disjoint, and their union is the one-process batch of the same slots.
+    `limit` caps the number of batches.
+    """
 
     def __init__(self, dataset: CachedImages, batch_size: int, shuffle: bool, seed: int,
-                 drop_last: bool):
+                 drop_last: bool, shard: tuple[int, int] = (0, 1), limit: int | None = None):
         self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
         self.seed, self.drop_last, self.epoch = seed, drop_last, dataset.epoch
+        self.rank, self.world = shard
+        self.limit = limit
 
     def __len__(self) -> int:
-        n = len(self.dataset)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        n, size = len(self.dataset), self.batch_size * self.world
+        count = n // size if self.drop_last else -(-n // size)
+        return count if self.limit is None else min(count, self.limit)
 
     def __iter__(self):
         n, epoch = len(self.dataset), self.epoch
         order = seeded(self.seed, epoch).permutation(n) if self.shuffle else np.arange(n)
         size = self.batch_size
         for number in range(len(self)):
-            yield BatchKey(epoch, number * size, order[number * size:(number + 1) * size])
+            start = (number * self.world + self.rank) * size
+            yield BatchKey(epoch, start, order[start:start + size])
 
 
 def worker_init(_: int) -> None:
@@ -253,16 +268,19 @@ class EpochLoaders:
 
 
 def make_loader(dataset: CachedImages, batch_size: int, shuffle: bool, num_workers: int,
-                seed: int, drop_last: bool = False,
-                background: bool | None = None) -> DataLoader | Prefetched:
-    """Batches of `dataset`; the same seed and epoch give the same batches for any `num_workers`.
+                seed: int, drop_last: bool = False, background: bool | None = None,
+                shard: tuple[int, int] = (0, 1), limit: int | None = None,
+                pin_memory: bool = False) -> DataLoader | Prefetched:
+    """Batches of `dataset`; the same seed and epoch give the same batches for any `num_workers`
+    (and, with `shard`, any world size: see `EpochBatches`).
 
     With `num_workers=0` a background thread prepares the next batches (`Prefetched`) when
     `background` (None: when a core is free for it, `cpu.spare_core`), or the consumer makes
     each batch as it asks; otherwise worker processes do, each prefetching 4 batches.
+    `pin_memory`: batches in page-locked memory, for asynchronous copies to a GPU.
     """
-    loader = DataLoader(dataset, batch_size=None,
-                        sampler=EpochBatches(dataset, batch_size, shuffle, seed, drop_last),
+    sampler = EpochBatches(dataset, batch_size, shuffle, seed, drop_last, shard, limit)
+    loader = DataLoader(dataset, batch_size=None, sampler=sampler, pin_memory=pin_memory,
                         num_workers=num_workers, worker_init_fn=worker_init,
                         prefetch_factor=4 if num_workers else None,
                         # its own generator: starting an epoch, possibly in a background thread,
@@ -283,13 +301,52 @@ def channel_stats(spec: InputSpec, channels: int) -> tuple[tuple[float, ...], tu
 
 
 def normalize(x: torch.Tensor, spec: InputSpec, channels_last: bool = False) -> torch.Tensor:
-    """N x C x H x W in [0, 255] (uint8 or float) -> float32 (x / 255 - mean) / std, model stats."""
+    """N x C x H x W in [0, 255] (uint8 or float) -> float32 (x / 255 - mean) / std, model stats,
+    on `x`'s device."""
     mean, std = channel_stats(spec, x.shape[1])
-    scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(1, -1, 1, 1)
-    shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(1, -1, 1, 1)
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=x.device).view(1, -1, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=x.device).view(1, -1, 1, 1)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    out = torch.empty(x.shape, dtype=torch.float32, memory_format=fmt)
+    out = torch.empty(x.shape, dtype=torch.float32, memory_format=fmt, device=x.device)
     return torch.addcmul(shift, x, scale, out=out)
+
+
+class DeviceBatches:
+    """A loader's uint8 batches as model input on the runtime's device: copied (from pinned
+    memory, without blocking), augmented there when the dataset deferred it, and normalised
+    there (a quarter of float32's bytes cross the bus). On a GPU the next batch is prepared on
+    a side stream while the model runs on this one (as timm's PrefetchLoader does)."""
+
+    def __init__(self, loader, rt, spec: InputSpec, channels_last: bool):
+        self.loader, self.rt, self.spec, self.channels_last = loader, rt, spec, channels_last
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def prepare(self, x: torch.Tensor, y: torch.Tensor, *deferred: Plan):
+        x, y = self.rt.to_device(x, y)
+        if deferred:
+            x = BatchAugment.run(x, deferred[0])
+        return normalize(x, self.spec, self.channels_last), y
+
+    def __iter__(self):
+        if not self.rt.cuda:
+            for item in self.loader:
+                yield self.prepare(*item)
+            return
+        stream, current = self.rt.side_stream(), torch.cuda.current_stream(self.rt.device)
+        ready = None
+        for item in self.loader:
+            with torch.cuda.stream(stream):
+                upcoming = self.prepare(*item)
+            if ready is not None:
+                yield ready
+            current.wait_stream(stream)
+            for t in upcoming:  # made on the side stream, used on this one
+                t.record_stream(current)
+            ready = upcoming
+        if ready is not None:
+            yield ready
 
 
 def to_memory_format(model: torch.nn.Module, channels_last: bool) -> torch.nn.Module:

@@ -40,3 +40,21 @@ def test_tta_bench_compares_ten_crop_views_with_plain_images(experiment):
     r = tta.bench_experiment(experiment)
     assert (r["side"], r["size"], r["reps"]) == (16, 16, tta.MIN_REPS)
     assert r["images_s"] > 0 and r["views_s"] > 0 and r["ratio"] > 0
+
+
+def test_device_check_runs_small_on_the_cpu(tmp_path, monkeypatch, capsys):
+    from pipeline.bench import data_path as dp, device_check
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(dp, "MIN_REPS", 1)
+    monkeypatch.setattr(tta, "BUDGET_S", 0.0)
+    monkeypatch.setattr(tta, "MIN_REPS", 1)
+    results = device_check.main(["--device", "cpu"])
+    assert [r["experiment"] for r in results] == ["resnet50", "efficientnet_b0"]
+    for r in results:
+        assert r["size"] == 32 and r["real"] > 0 and r["synthetic"] > 0
+        assert r["ratio"] > 0 and r["tta_ratio"] > 0 and r["device"].startswith("cpu")
+    train = (tmp_path / "data/photos/train.csv").read_text().splitlines()
+    assert train[0] == "id,label" and len(train) == 1 + 28  # 32 photos, every 8th for test
+    out = capsys.readouterr().out
+    assert "resnet50" in out and "TTA ten_crop ratio" in out

@@ -53,19 +53,21 @@ class Arm:
         self.batches = batches  # () -> iterable of (uint8 x, y)
         self.close = close  # stops what the arm left running (a loader made ahead)
         self.state = dict(step=0)
+        self.scaler = s.rt.grad_scaler()
 
     def epoch(self) -> int:
         """Run one epoch; returns the number of images it trained on."""
         loader = self.batches()
         with contextlib.redirect_stderr(io.StringIO()):  # the progress bar, alike in both arms
             train.train_epoch(self.s, self.model, loader, self.optimizer, [1.0] * len(loader), 0,
-                              None, self.mixer, self.state, "bench")
+                              None, self.mixer, self.state, "bench", self.scaler)
         return len(loader) * self.s.cfg.train.batch_size
 
     def rate(self, epochs: int) -> float:
         start, images = time.perf_counter(), 0
         for _ in range(epochs):
             images += self.epoch()
+        self.s.rt.synchronize()
         return images / (time.perf_counter() - start)
 
 
@@ -95,12 +97,13 @@ def interleaved_rates(a: Arm, b: Arm, epochs: int, reps: int) -> tuple[list[floa
 
 
 def synthetic_loader(s: train.Setup, n_batches: int):
-    """`n_batches` in-memory random uint8 batches and labels, cycling through four of them."""
+    """`n_batches` random uint8 batches and labels in the device's memory, cycling through four."""
     cfg = s.cfg
     gen = torch.Generator().manual_seed(0)
     shape = (cfg.train.batch_size, cfg.data.channels, cfg.image_size, cfg.image_size)
-    pool = [(torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen),
-             torch.randint(0, len(s.comp.classes), shape[:1], generator=gen)) for _ in range(4)]
+    pool = [s.rt.to_device(torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen),
+                           torch.randint(0, len(s.comp.classes), shape[:1], generator=gen))
+            for _ in range(4)]
     data = [pool[i % len(pool)] for i in range(n_batches)]
     return lambda: data
 

@@ -23,6 +23,7 @@ from pipeline import tta
 from pipeline.bench import experiment_configs
 from pipeline.config import load_experiment
 from pipeline.data import normalize, to_memory_format
+from pipeline.device import Runtime, runtime
 from pipeline.models import cache_size, create_model, input_spec
 
 TARGET = 0.90
@@ -31,28 +32,31 @@ BUDGET_S = 45.0  # per experiment, after the warm-up
 NUM_CLASSES = 10
 
 
-def rate(step, batches: int, items_per_batch: int) -> float:
-    """Items per second over `batches` calls of `step`."""
+def rate(step, batches: int, items_per_batch: int, rt: Runtime) -> float:
+    """Items per second over `batches` calls of `step` (its device work included)."""
     start = time.perf_counter()
     for _ in range(batches):
         step()
+    rt.synchronize()
     return batches * items_per_batch / (time.perf_counter() - start)
 
 
 def bench_experiment(path: Path) -> dict:
     cfg = load_experiment(path)
+    rt = runtime(cfg.device, cfg.train.precision)
     model = create_model(cfg.model.model_copy(update={"pretrained": False}), NUM_CLASSES,
                          cfg.data.channels)
-    model = to_memory_format(model, cfg.train.channels_last).eval()
+    model = to_memory_format(model.to(rt.device), cfg.train.channels_last).eval()
     spec = input_spec(model, cfg.model)
     size, side = cfg.image_size, cache_size(cfg.image_size, spec.crop_pct)
     max_batch = cfg.tta.max_batch or cfg.train.eval_batch_size
     n_views = len(tta.VIEW_SETS["ten_crop"])
     gen = torch.Generator().manual_seed(0)
-    crops = torch.randint(0, 256, (cfg.train.eval_batch_size, cfg.data.channels, size, size),
-                          dtype=torch.uint8, generator=gen)
-    cached = torch.randint(0, 256, (max(1, max_batch // n_views), cfg.data.channels, side, side),
-                           dtype=torch.uint8, generator=gen)
+    crops, cached = rt.to_device(
+        torch.randint(0, 256, (cfg.train.eval_batch_size, cfg.data.channels, size, size),
+                      dtype=torch.uint8, generator=gen),
+        torch.randint(0, 256, (max(1, max_batch // n_views), cfg.data.channels, side, side),
+                      dtype=torch.uint8, generator=gen))
     prep = functools.partial(normalize, spec=spec, channels_last=cfg.train.channels_last)
 
     def plain() -> None:
@@ -62,15 +66,15 @@ def bench_experiment(path: Path) -> dict:
         tta.predict_sets(model, cached, size, ["ten_crop"], "mean", prep, max_batch)
 
     plain_rates, view_rates = [], []
-    with torch.inference_mode():
-        rate(plain, WARMUP, len(crops))
-        rate(ten_crop, WARMUP, len(cached) * n_views)
+    with torch.inference_mode(), rt.autocast():
+        rate(plain, WARMUP, len(crops), rt)
+        rate(ten_crop, WARMUP, len(cached) * n_views, rt)
         start = time.perf_counter()
         while len(plain_rates) < MIN_REPS or (len(plain_rates) < MAX_REPS
                                               and time.perf_counter() - start < BUDGET_S):
-            a1 = rate(plain, BATCHES, len(crops))
-            view_rates.append(rate(ten_crop, 2 * BATCHES, len(cached) * n_views))
-            plain_rates.append((a1 + rate(plain, BATCHES, len(crops))) / 2)
+            a1 = rate(plain, BATCHES, len(crops), rt)
+            view_rates.append(rate(ten_crop, 2 * BATCHES, len(cached) * n_views, rt))
+            plain_rates.append((a1 + rate(plain, BATCHES, len(crops), rt)) / 2)
     ratios = [v / p for v, p in zip(view_rates, plain_rates)]
     return dict(experiment=cfg.experiment, side=side, size=size, reps=len(ratios),
                 images_s=statistics.median(plain_rates), views_s=statistics.median(view_rates),
