@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from pipeline import blend, inference, tta
+from pipeline import blend, cpu, inference, tta
 from pipeline.artifacts import as_written
 from pipeline.competition import SubmissionFormat, find_images, read_table
 from pipeline.errors import UserError, cli
@@ -33,7 +33,7 @@ from pipeline.images import decode, resize
 from pipeline.package import BLEND, MANIFEST, PACKAGE, SETTINGS, sha256, versions
 from pipeline.submit import format_submission, write_submission
 
-ESTIMATE_SAMPLE = 64  # images timed by --estimate, after a warm-up batch
+ESTIMATE_SAMPLE = 64  # images timed by --estimate, after a warm-up pass over them
 
 
 @dataclass(frozen=True)
@@ -145,10 +145,10 @@ def blended(pkg: Package, per_experiment: list[np.ndarray]) -> np.ndarray:
 
 
 def estimate(pkg: Package, paths: list[str], n: int, on: torch.device) -> str:
-    """How long `n` images would take: fold weights loaded once, then the per-image time
-    measured on a sample after a warm-up batch."""
+    """How long `n` images would take: the time to load the fold weights, plus `n` times the
+    per-image time measured on a sample (its second pass: the first warms up the kernels)."""
     sample = paths[:ESTIMATE_SAMPLE]
-    predict_package(pkg, sample[:8], on, Timing())
+    predict_package(pkg, sample, on, Timing())
     timing = Timing()
     predict_package(pkg, sample, on, timing)
     per_image = timing.predict_s / len(sample)
@@ -159,6 +159,7 @@ def estimate(pkg: Package, paths: list[str], n: int, on: torch.device) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
+    cpu.reuse_freed_memory()  # as the predict stage does
     checked = time.perf_counter()
     pkg = load_package(Path(args.package), args.max_batch)
     sample_path = Path(args.sample_submission)

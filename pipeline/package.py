@@ -125,6 +125,7 @@ def build(cfg: EnsembleConfig, config_dir: Path, out: Path, half: bool) -> Path:
     comp = load_competition_data(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would keep the package from others on upload hosts
     try:
         folds = {name: add_experiment(config_dir / f"{name}.yaml", tmp / name, half)
                  for name in blend["experiments"]}
