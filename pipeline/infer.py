@@ -33,9 +33,6 @@ from pipeline.images import decode, resize
 from pipeline.package import BLEND, MANIFEST, PACKAGE, SETTINGS, sha256, versions
 from pipeline.submit import format_submission, write_submission
 
-ESTIMATE_SAMPLE = 64  # images timed by --estimate, after a warm-up pass over them
-
-
 @dataclass(frozen=True)
 class Package:
     root: Path
@@ -146,8 +143,9 @@ def blended(pkg: Package, per_experiment: list[np.ndarray]) -> np.ndarray:
 
 def estimate(pkg: Package, paths: list[str], n: int, on: torch.device) -> str:
     """How long `n` images would take: the time to load the fold weights, plus `n` times the
-    per-image time measured on a sample (its second pass: the first warms up the kernels)."""
-    sample = paths[:ESTIMATE_SAMPLE]
+    per-image time measured on a sample of one full batch (per image, a smaller batch can take
+    twice as long), in a second pass over it (the first warms up the kernels)."""
+    sample = paths[:max(st.images_per_batch for st in pkg.settings.values())]
     predict_package(pkg, sample, on, Timing())
     timing = Timing()
     predict_package(pkg, sample, on, timing)

@@ -171,3 +171,10 @@ def test_as_written_matches_the_csv_round_trip(tmp_path):
     write_csv(pd.DataFrame(values, columns=list("abcd")), tmp_path / "p.csv")
     read = pd.read_csv(tmp_path / "p.csv", keep_default_na=False).to_numpy(np.float64)
     assert np.array_equal(as_written(values), read)
+
+
+@pytest.mark.parametrize("module", [package, infer])
+def test_commands_have_help(module, capsys):
+    with pytest.raises(SystemExit) as exc:
+        module.main(["--help"])
+    assert exc.value.code == 0 and "usage:" in capsys.readouterr().out
