@@ -33,6 +33,9 @@ from pipeline.images import decode, resize
 from pipeline.package import BLEND, MANIFEST, PACKAGE, SETTINGS, sha256, versions
 from pipeline.submit import format_submission, write_submission
 
+DECODE_THREADS = 4  # PIL and cv2 release the GIL
+
+
 @dataclass(frozen=True)
 class Package:
     root: Path
@@ -46,7 +49,10 @@ def verify(root: Path) -> dict:
     path = root / MANIFEST
     if not path.is_file():
         raise UserError(f"{path}: not found; PACKAGE must be a folder written by `make package`")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not valid JSON ({err}); rebuild the package") from None
     for name, entry in manifest["files"].items():
         file = root / name
         if not file.is_file():
@@ -81,8 +87,11 @@ def read_sample(path: Path, pkg: Package) -> SubmissionFormat:
         raise UserError(f"{path}: columns {list(sample.columns)} differ from the competition's "
                         f"{[sub['id_column'], *sub['columns']]}")
     ids = sample[sub["id_column"]]
-    if ids.empty or ids.str.strip().duplicated().any():
-        raise UserError(f"{path}: no rows, or a duplicate id")
+    if ids.empty:
+        raise UserError(f"{path}: has no rows")
+    dup = ids.str.strip().duplicated()
+    if dup.any():
+        raise UserError(f"{path}: duplicate id {ids[dup].iloc[0]!r}")
     return SubmissionFormat(sub["id_column"], sub["kind"], tuple(sub["columns"]), tuple(ids),
                             sub["positive_class"])
 
@@ -110,7 +119,7 @@ def predict_package(pkg: Package, paths: list[str], on: torch.device,
                     timing: Timing, bar: tqdm | None = None) -> list[np.ndarray]:
     """Each experiment's test probabilities, averaged over its folds (rows in `paths` order)."""
     out = []
-    with ThreadPoolExecutor(4) as pool:
+    with ThreadPoolExecutor(DECODE_THREADS) as pool:
         for name in pkg.blend["experiments"]:
             st = pkg.settings[name]
             started = time.perf_counter()

@@ -178,3 +178,10 @@ def test_commands_have_help(module, capsys):
     with pytest.raises(SystemExit) as exc:
         module.main(["--help"])
     assert exc.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+def test_refuses_a_sample_submission_of_another_layout(built, tmp_path, capsys):
+    root = fresh_copy(built, tmp_path)
+    sample = pd.read_csv(root / "sample.csv")
+    sample.drop(columns="class_2").to_csv(root / "sample.csv", index=False)
+    assert "differ from the competition's" in refuses(root, capsys)
