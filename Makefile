@@ -22,11 +22,16 @@ OOFS := $(EXPS:%=runs/$(COMP)/%/oof.csv)
 TESTS := $(EXPS:%=runs/$(COMP)/%/test.csv)
 WEIGHTS := runs/$(COMP)/ensemble/weights.json
 SUBMISSION := submissions/$(COMP).csv
+PACKAGE ?= packages/$(COMP)
+PACKAGE_HALF ?=
+TEST_IMAGES ?= data/$(COMP)/test
+SAMPLE ?= data/$(COMP)/sample_submission.csv
+OUT ?= submissions/$(COMP)-infer.csv
 
 LITE0 := weights/tf_efficientnet_lite0.safetensors
 EXP ?= configs/digits/lenet5.yaml
 
-.PHONY: help setup demo all folds train predict ensemble submit test bench reports preview weights clean
+.PHONY: help setup demo all folds train predict ensemble submit package infer test bench reports preview weights clean
 
 help: ## list the targets
 	@grep -hE '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -62,6 +67,13 @@ predict: $(TESTS) ## TTA predictions: OOF and test, per experiment
 ensemble: $(WEIGHTS) ## tune blend weights on the OOF
 submit: $(SUBMISSION) ## write submissions/$(COMP).csv
 all: $(SUBMISSION) ## folds, train, predict, ensemble, submit for COMP
+
+packages/$(COMP)/manifest.json: $(WEIGHTS)
+	$(PY) -m pipeline.package $(CONF)/ensemble.yaml $(if $(PACKAGE_HALF),--half) $(OVERRIDES)
+
+package: packages/$(COMP)/manifest.json ## inference package packages/$(COMP)/ (PACKAGE_HALF=1: float16 weights)
+infer: $(SETUP) ## submission from a package alone (PACKAGE=, TEST_IMAGES=, SAMPLE=, OUT=)
+	$(PY) -m pipeline.infer $(PACKAGE) --test-images $(TEST_IMAGES) --sample-submission $(SAMPLE) --out $(OUT)
 
 $(LITE0): | $(SETUP)
 	$(PY) -m pipeline.weights $@

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pandas as pd
 
 from pipeline.errors import UserError
@@ -32,9 +34,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def write_csv(df: pd.DataFrame, path: str | os.PathLike, float_format: str | None = "%.8g") -> None:
+CSV_FLOAT = "%.8g"
+
+
+def write_csv(df: pd.DataFrame, path: str | os.PathLike,
+              float_format: str | None = CSV_FLOAT) -> None:
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False, float_format=float_format)
+
+
+def as_written(values: np.ndarray) -> np.ndarray:
+    """A float array as the next stage reads it back from `write_csv`'s file: written with
+    CSV_FLOAT, parsed by pandas. Code that hands values on in memory (infer) rounds through
+    this, so it computes with the very numbers the file-based stages do."""
+    text = pd.DataFrame(np.asarray(values)).to_csv(index=False, float_format=CSV_FLOAT)
+    return pd.read_csv(io.StringIO(text)).to_numpy(np.float64)
 
 
 def write_json(obj, path: str | os.PathLike) -> None:

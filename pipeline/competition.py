@@ -130,6 +130,11 @@ def _attach_paths(ids: pd.Series, index: ImageIndex, table: Path, on_bad: str,
     return paths, bad
 
 
+def find_images(ids: pd.Series, folder: Path, suffix: str, table: Path) -> list[str]:
+    """The image path of every id; a missing or empty file stops with a UserError naming its row."""
+    return _attach_paths(ids, ImageIndex(folder, suffix), table, "error")[0]
+
+
 def infer_submission_format(sample: pd.DataFrame, classes: list[str], cfg: CompetitionConfig,
                             path: Path) -> SubmissionFormat:
     cols = list(sample.columns)
@@ -208,9 +213,7 @@ def load_competition_data(cfg: CompetitionConfig) -> Competition:
                                      train_path, d.on_bad_image, d.cache_dir)
     train["path"] = train_paths
     test = pd.DataFrame({"id": sample[sample.columns[0]].str.strip()})
-    test_paths, bad_test = _attach_paths(test["id"], ImageIndex(d.path("test_images"), d.image_suffix),
-                                         sample_path, "error")
-    test["path"] = test_paths
+    test["path"] = find_images(test["id"], d.path("test_images"), d.image_suffix, sample_path)
     if bad:
         for line in bad:
             print(f"warning: skipped {line}", file=sys.stderr)

@@ -2,25 +2,38 @@
 
 Writes runs/<comp>/<exp>/oof_tta.csv (each fold's model on its validation rows), adds the
 TTA CV beside the plain one in scores.json, and last test.csv (every fold's model on every
-test row, averaged over folds). `tta.views: auto` scores each candidate view set on the OOF
-and keeps the best; all candidates come from the same pass over the data.
+test row with the chosen views, averaged over folds: what `infer` computes from a package).
+`tta.views: auto` scores each candidate view set on the OOF and keeps the best; all
+candidates come from the same pass over the data.
 """
 from __future__ import annotations
 
-import functools
 import json
 import sys
 
 import numpy as np
 import torch
 
-from pipeline import metrics, tta
+from pipeline import inference, metrics, tta
 from pipeline.artifacts import write_csv, write_json
 from pipeline.config import ExperimentConfig, load_experiment
-from pipeline.data import CachedImages, make_loader, normalize
+from pipeline.data import CachedImages, make_loader
 from pipeline.errors import UserError, cli, stage_args
 from pipeline.images import image_cache
 from pipeline.train import Setup, load_fold_model, prepare, proba_frame
+
+
+def settings(s: Setup, view_sets: list[str]) -> inference.Settings:
+    """The experiment's inference settings for `view_sets`."""
+    return inference.experiment_settings(s.cfg, s.spec, len(s.comp.classes), view_sets)
+
+
+def cache_batches(images: np.ndarray, rows: np.ndarray, s: Setup, settings: inference.Settings):
+    """The cache rows as uint8 batches of `settings.images_per_batch` images, in order."""
+    loader = make_loader(CachedImages(images, rows, None), settings.images_per_batch, False,
+                         s.cfg.train.num_workers, 0, background=None if not s.rt.cuda else False,
+                         pin_memory=s.rt.cuda)
+    return (x for x, _ in loader)
 
 
 def predict_rows(model: torch.nn.Module, images: np.ndarray, rows: np.ndarray, s: Setup,
@@ -30,22 +43,9 @@ def predict_rows(model: torch.nn.Module, images: np.ndarray, rows: np.ndarray, s
     A loader batch holds as many images as fit `max_batch` views, so each batch's views
     go through the model in one forward pass.
     """
-    max_batch = s.cfg.tta.max_batch or s.cfg.train.eval_batch_size
-    batch = max(1, max_batch // len(tta.union(view_sets)))
-    loader = make_loader(CachedImages(images, rows, None), batch, False,
-                         s.cfg.train.num_workers, 0)
-    prep = functools.partial(normalize, spec=s.spec, channels_last=s.cfg.train.channels_last)
-    out: dict[str, list[torch.Tensor]] = {v: [] for v in view_sets}
-    with torch.inference_mode():
-        for x, _ in loader:
-            for v, p in tta.predict_sets(model, x, s.cfg.image_size, view_sets, s.cfg.tta.merge,
-                                         prep, max_batch).items():
-                out[v].append(p)
-    result = {}
-    for v, parts in out.items():
-        proba = torch.cat(parts).numpy().astype(np.float64)
-        result[v] = proba / proba.sum(1, keepdims=True)
-    return result
+    st = settings(s, view_sets)
+    out = inference.predict_batches([model], cache_batches(images, rows, s, st), st, s.rt)
+    return {v: per_model[0] for v, per_model in out.items()}
 
 
 def best_view_set(metric: str, scores: dict[str, float]) -> str:
@@ -74,27 +74,35 @@ def read_scores(s: Setup) -> dict:
     return scores
 
 
-def predict_folds(s: Setup, view_sets: list[str]) -> tuple[dict, dict]:
-    """({view set: OOF probabilities}, {view set: test probabilities averaged over folds}).
-
-    Each fold's model predicts its own validation rows and every test row, all view sets
-    from the same forward passes.
-    """
-    cfg = s.cfg
-    test_images = image_cache(list(s.comp.test["path"]), s.side, cfg.data.channels,
-                              cfg.data.cache_dir)
-    test_rows = np.arange(len(s.comp.test))
+def predict_oof(s: Setup, view_sets: list[str]) -> dict[str, np.ndarray]:
+    """{view set: OOF probabilities}: each fold's model on its own validation rows."""
     oof = {v: np.zeros((len(s.comp.train), len(s.comp.classes))) for v in view_sets}
-    test: dict[str, list[np.ndarray]] = {v: [] for v in view_sets}
-    for fold in range(cfg.folds.n_splits):
-        model = load_fold_model(s, cfg.run_dir / f"fold{fold}")
+    for fold in range(s.cfg.folds.n_splits):
+        model = load_fold_model(s, s.cfg.run_dir / f"fold{fold}")
         val_rows = np.flatnonzero(s.folds == fold)
         for v, p in predict_rows(model, s.images, val_rows, s, view_sets).items():
             oof[v][val_rows] = p
-        for v, p in predict_rows(model, test_images, test_rows, s, view_sets).items():
-            test[v].append(p)
-        print(f"{cfg.experiment}: fold {fold} predicted", file=sys.stderr)
-    return oof, {v: tta.average_folds(p) for v, p in test.items()}
+        print(f"{s.cfg.experiment}: fold {fold} predicted", file=sys.stderr)
+    return oof
+
+
+def predict_test(s: Setup, view_sets: list[str]) -> dict[str, np.ndarray]:
+    """{view set: test probabilities averaged over folds}: every fold model on every test row,
+    exactly as `infer` predicts them from a package."""
+    cfg = s.cfg
+    test_images = image_cache(list(s.comp.test["path"]), s.side, cfg.data.channels,
+                              cfg.data.cache_dir)
+    st = settings(s, view_sets)
+    models = [load_fold_model(s, cfg.run_dir / f"fold{k}") for k in range(cfg.folds.n_splits)]
+    batches = cache_batches(test_images, np.arange(len(s.comp.test)), s, st)
+    predicted = inference.predict_batches(models, batches, st, s.rt)
+    return {v: tta.average_folds(p) for v, p in predicted.items()}
+
+
+def predict_folds(s: Setup, view_sets: list[str]) -> tuple[dict, dict]:
+    """({view set: OOF probabilities}, {view set: test probabilities averaged over folds}),
+    all view sets from the same forward passes."""
+    return predict_oof(s, view_sets), predict_test(s, view_sets)
 
 
 def run(cfg: ExperimentConfig) -> dict:
@@ -103,7 +111,7 @@ def run(cfg: ExperimentConfig) -> dict:
     run_dir = cfg.run_dir
     candidates = list(dict.fromkeys(cfg.tta.candidates if cfg.tta.views == "auto"
                                     else [cfg.tta.views]))
-    oof, test = predict_folds(s, candidates)
+    oof = predict_oof(s, candidates)
     tta_scores = {v: metrics.score(cfg.metric, s.labels, oof[v]) for v in candidates}
     best = best_view_set(cfg.metric, tta_scores)
     per_fold_tta = metrics.fold_scores(cfg.metric, s.labels, s.folds, oof[best])
@@ -112,7 +120,8 @@ def run(cfg: ExperimentConfig) -> dict:
     scores.update(cv_tta=tta_scores[best], per_fold_tta=per_fold_tta, tta_views=best,
                   tta_merge=cfg.tta.merge, tta_scores=tta_scores)
     write_json(scores, run_dir / "scores.json")
-    test_df = proba_frame(s.comp.test["id"], -1, test[best], s.comp.classes)
+    test = predict_test(s, [best])[best]  # the chosen views only, as a package predicts
+    test_df = proba_frame(s.comp.test["id"], -1, test, s.comp.classes)
     write_csv(test_df.drop(columns="fold"), run_dir / "test.csv")  # last: make's target
     print(f"{cfg.experiment}: CV {cfg.metric} {scores['cv']:.5f} without TTA, "
           f"{tta_scores[best]:.5f} with {best} ({cfg.tta.merge})", file=sys.stderr)

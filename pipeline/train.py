@@ -17,13 +17,13 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from pipeline import cpu, device, finetune, metrics
+from pipeline import cpu, device, finetune, inference, metrics
 from pipeline.artifacts import atomic_path, file_hash, write_csv, write_json, write_text
 from pipeline.augment import eval_transform, mixer, train_transform
 from pipeline.competition import Competition, load_competition_data
@@ -369,10 +369,8 @@ def train_fold(s: Setup, fold: int, fold_dir: Path, stop_after_epochs: int | Non
 
 def load_fold_model(s: Setup, fold_dir: Path) -> torch.nn.Module:
     """A fold's best weights in its model, on the run's device, ready to predict."""
-    model = create_model(s.cfg.model.model_copy(update={"pretrained": False}),
-                         len(s.comp.classes), s.cfg.data.channels)
-    model.load_state_dict(load_file(str(fold_dir / "best.safetensors")))
-    return to_memory_format(model.to(s.rt.device), s.cfg.train.channels_last).eval()
+    settings = inference.experiment_settings(s.cfg, s.spec, len(s.comp.classes), ["none"])
+    return inference.load_model(settings, fold_dir / "best.safetensors", s.rt.device)
 
 
 def proba_frame(ids, fold, proba: np.ndarray, classes) -> pd.DataFrame:

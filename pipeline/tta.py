@@ -101,7 +101,7 @@ def predict_sets(model: torch.nn.Module, x: torch.Tensor, size: int, view_sets: 
         if VIEW_SETS[name] == needed:
             out[name] = merge(proba, how)
         else:
-            rows = torch.tensor([index[v] for v in VIEW_SETS[name]])
+            rows = torch.tensor([index[v] for v in VIEW_SETS[name]], device=proba.device)
             out[name] = merge(proba.index_select(0, rows), how)
     return out
 

@@ -1,4 +1,5 @@
 """The predict stage on a tiny trained experiment: same views for OOF and test, auto choice, refusals."""
+import dataclasses
 import json
 
 import numpy as np
@@ -7,9 +8,7 @@ import pytest
 
 from conftest import COMPETITION, EXPERIMENT, make_competition, write_yaml
 from pipeline import folds, metrics, predict, train
-from pipeline.augment import eval_transform
 from pipeline.config import load_experiment
-from pipeline.data import CachedImages, make_loader
 from pipeline.errors import UserError
 from pipeline.images import image_cache
 from pipeline.models import cache_size
@@ -56,10 +55,9 @@ def test_test_csv_is_every_fold_model_on_every_test_row_averaged(trained, monkey
     s = train.prepare(cfg)
     images = image_cache(list(s.comp.test["path"]), cache_size(cfg.image_size, s.spec.crop_pct),
                          3, cfg.data.cache_dir)
-    loader = make_loader(CachedImages(images, np.arange(len(images)), None,
-                                      eval_transform(cfg.image_size)), 4, False, 0, 0)
-    per_fold = [train.predict_proba(train.load_fold_model(s, cfg.run_dir / f"fold{k}"), loader,
-                                    s.spec) for k in range(2)]
+    on_test = dataclasses.replace(s, images=images)  # the train stage's centre-crop prediction
+    per_fold = [train.predict_proba(on_test, train.load_fold_model(s, cfg.run_dir / f"fold{k}"),
+                                    np.arange(len(images))) for k in range(2)]
     test = read(trained, "test.csv")
     sample = pd.read_csv(trained / "data/tiny/sample_submission.csv")
     assert list(test.columns) == ["id", *CLASSES]
