@@ -1,5 +1,5 @@
 # Kaggle image-classification pipeline: each stage is a file target, so make reruns only what changed.
-# Usage: make demo | make all COMP=<comp> | make test | make bench | make help
+# Usage: make demo | make all COMP=<comp> | make tune EXP=<config> | make test | make bench | make help
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 .SECONDEXPANSION:
@@ -11,7 +11,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONF := configs/$(COMP)
-EXPS := $(filter-out competition ensemble,$(basename $(notdir $(wildcard $(CONF)/*.yaml))))
+EXPS := $(filter-out competition ensemble %.tune,$(basename $(notdir $(wildcard $(CONF)/*.yaml))))
 OOFS := $(EXPS:%=runs/$(COMP)/%/oof.csv)
 TESTS := $(EXPS:%=runs/$(COMP)/%/test.csv)
 WEIGHTS := runs/$(COMP)/ensemble/weights.json
@@ -20,7 +20,7 @@ SUBMISSION := submissions/$(COMP).csv
 LITE0 := weights/tf_efficientnet_lite0.safetensors
 EXP ?= configs/digits/lenet5.yaml
 
-.PHONY: help setup demo all folds train predict ensemble submit test bench reports preview weights clean
+.PHONY: help setup demo all folds train predict ensemble submit tune test bench reports preview weights clean
 
 help: ## list the targets
 	@grep -hE '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -61,6 +61,9 @@ $(LITE0): | $(STAMP)
 	$(PY) -m pipeline.weights $@
 
 weights: $(LITE0) ## convert the bundled ImageNet EfficientNet-Lite0 weights to timm format
+
+tune: $(STAMP) folds/$$(notdir $$(patsubst %/,%,$$(dir $$(EXP)))).csv ## optuna search over EXP's tune space -> <exp>-tuned.yaml (EXP=...)
+	$(PY) -m pipeline.tune $(EXP) $(SET)
 
 preview: $(STAMP) ## PNG grid of original vs augmented samples (EXP=configs/<comp>/<exp>.yaml)
 	$(PY) -m pipeline.preview $(EXP) $(SET)

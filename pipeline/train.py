@@ -12,6 +12,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -182,13 +183,15 @@ def resume(last: Path, tag: str, model, optimizer, ema, fresh: dict) -> dict:
     return ckpt["state"]
 
 
-def train_fold(s: Setup, fold: int, fold_dir: Path, stop_after_epochs: int | None = None) -> None:
+def train_fold(s: Setup, fold: int, fold_dir: Path, stop_after_epochs: int | None = None,
+               on_epoch: Callable[[int, float], None] | None = None) -> None:
     """Train one fold through its stages; leaves best.safetensors, last.pt and log.csv.
 
     Resumes from `last.pt` (model, optimizer, EMA, stage and epoch) when it was written with
     the same tag. `stop_after_epochs` ends this call after that many epochs, exactly as an
     interruption after an epoch would. Early stopping (`train.patience`) ends the current
-    stage; the next stage still runs.
+    stage; the next stage still runs. `on_epoch(epoch over all stages, validation score)` is
+    called once each epoch's checkpoint is written; an exception it raises ends the fold.
     """
     cfg, tc = s.cfg, s.cfg.train
     train_rows = np.flatnonzero(s.folds != fold)
@@ -257,6 +260,8 @@ def train_fold(s: Setup, fold: int, fold_dir: Path, stop_after_epochs: int | Non
                                   optimizer=optimizer.state_dict(),
                                   ema=ema.state_dict() if ema is not None else {}))
             done_epochs += 1
+            if on_epoch is not None:
+                on_epoch(global_epoch, val_score)
 
 
 def load_fold_model(s: Setup, fold_dir: Path) -> torch.nn.Module:
