@@ -22,6 +22,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -74,16 +75,32 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+        return _rdb_storage(url)
+    except (ValueError, ImportError, OSError, sqlalchemy.exc.SQLAlchemyError) as err:
+        raise UserError(f"tune.storage: optuna cannot open {url!r} "
+                        f"({str(err).splitlines()[0]})") from None
+
+
+def _rdb_storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
+    """The database storage; when workers start together one creates the tables while the
+    others may see them half made ("already exists", a duplicate schema version): those try
+    again a moment later."""
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+
+    def connect() -> optuna.storages.RDBStorage:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(
                 url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
                     max_retry=None))
-    except (ValueError, ImportError, OSError, sqlalchemy.exc.SQLAlchemyError) as err:
-        raise UserError(f"tune.storage: optuna cannot open {url!r} "
-                        f"({str(err).splitlines()[0]})") from None
+
+    for attempt in range(attempts - 1):
+        try:
+            return connect()
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):
+            time.sleep(1 + attempt)
+    return connect()
 
 
 class TrialSeeded(optuna.samplers.BaseSampler):
