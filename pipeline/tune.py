@@ -39,6 +39,7 @@ from pipeline.artifacts import write_json, write_text
 from pipeline.config import (ExperimentConfig, config_hash, experiment_data, read_yaml,
                              validate_experiment)
 from pipeline.errors import UserError, cli, stage_args
+from pipeline.models import check_pretrained
 from pipeline.search_space import Param, parse_space, set_value, split_path, suggest, with_values
 from pipeline.tune_report import write_report
 
@@ -328,7 +329,7 @@ def run(path: str | Path, overrides: list[str] | None = None) -> dict | None:
         space = parse_space(data)
     except UserError as err:
         raise UserError(f"{path}: {err}") from None
-    train.check_pretrained(cfg.model)
+    check_pretrained(cfg.model)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(cfg)
     work(cfg, data, space, study)
