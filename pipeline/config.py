@@ -253,6 +253,11 @@ def _own_overrides(cls: type[BaseModel], overrides: list[str] | None) -> list[st
             or o.partition("=")[0].split(".")[0] not in known]
 
 
+def experiment_overrides(overrides: list[str] | None) -> list[str]:
+    """The overrides an experiment takes from a `SET` list shared by every stage."""
+    return _own_overrides(ExperimentConfig, overrides)
+
+
 def _resolve(path: str | Path, overrides: list[str] | None,
              own: dict | None = None) -> tuple[dict, Path]:
     """The file's keys (or `own`, read from it) merged over its competition file's, overridden."""

@@ -36,8 +36,8 @@ from optuna.trial import TrialState
 
 from pipeline import metrics, train
 from pipeline.artifacts import write_json, write_text
-from pipeline.config import (ExperimentConfig, config_hash, experiment_data, read_yaml,
-                             validate_experiment)
+from pipeline.config import (ExperimentConfig, apply_overrides, config_hash, experiment_data,
+                             experiment_overrides, read_yaml, validate_experiment)
 from pipeline.errors import UserError, cli, stage_args
 from pipeline.models import check_pretrained
 from pipeline.search_space import Param, parse_space, set_value, split_path, suggest, with_values
@@ -267,10 +267,13 @@ def work(cfg: ExperimentConfig, data: dict, space: list[Param], study: optuna.St
             return
 
 
-def tuned_yaml(path: Path, data: dict, params: dict[str, Any], note: str) -> str:
-    """Experiment file `path` with the tuned values set, its `tune` section and experiment name
-    dropped (the new file's name names it), under a comment `note`."""
-    own = read_yaml(path)
+def tuned_yaml(path: Path, data: dict, params: dict[str, Any], note: str,
+               overrides: list[str] | None = None) -> str:
+    """Experiment file `path` with the `overrides` the trials trained with and the tuned values
+    set, its `tune` section and experiment name dropped (the new file's name names it), under
+    a comment `note`."""
+    own = apply_overrides(read_yaml(path), [o for o in experiment_overrides(overrides)
+                                             if not o.startswith(("tune.", "tune="))])
     own.pop("tune", None)
     own.pop("experiment", None)
     for key, value in params.items():
@@ -283,7 +286,8 @@ def tuned_path(path: Path) -> Path:
     return path.with_name(f"{path.stem}-tuned.yaml")
 
 
-def results(cfg: ExperimentConfig, path: Path, data: dict, study: optuna.Study) -> dict | None:
+def results(cfg: ExperimentConfig, path: Path, data: dict, study: optuna.Study,
+            overrides: list[str] | None = None) -> dict | None:
     """best.json, report.md and plots, and the tuned config; None when no trial completed."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
@@ -294,7 +298,7 @@ def results(cfg: ExperimentConfig, path: Path, data: dict, study: optuna.Study) 
     note = (f"Tuned by `make tune` from {path.name}: study {study.study_name!r} in {url},\n"
             f"best trial {best.number}: {cfg.metric} {best.value:.5f} on folds {folds} "
             f"(optimistic: chosen on those folds).")
-    text = tuned_yaml(path, data, best.params, note)
+    text = tuned_yaml(path, data, best.params, note, overrides)
     target = tuned_path(path)
     if not target.is_file() or target.read_text() != text:
         write_text(text, target)
@@ -333,7 +337,7 @@ def run(path: str | Path, overrides: list[str] | None = None) -> dict | None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(cfg)
     work(cfg, data, space, study)
-    summary = results(cfg, path, data, study)
+    summary = results(cfg, path, data, study, overrides)
     if summary:
         print(f"tune: best {cfg.metric} {summary['best_value']:.5f} (trial "
               f"{summary['best_trial']}; {summary['trials']}) -> {summary['tuned_config']}, "

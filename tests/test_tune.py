@@ -159,6 +159,16 @@ def test_a_study_writes_a_tuned_config_that_differs_only_in_the_tuned_keys(tiny)
     assert tuned_file.stat().st_mtime_ns == written  # unchanged, so make keeps its run
 
 
+def test_the_tuned_config_keeps_the_overrides_the_trials_trained_with(tiny):
+    tune_setup(tiny)
+    text = tune.tuned_yaml(Path("configs/tiny/exp.yaml"), experiment_data("configs/tiny/exp.yaml"),
+                           {"train.lr": 0.005}, "note\nmore",
+                           ["train.batch_size=4", "tune.trials=9", "trials=9"])
+    assert text.startswith("# note\n# more\ncompetition: competition.yaml\n")
+    assert yaml.safe_load(text)["train"] == {"epochs": 2, "batch_size": 4, "lr": 0.005}
+    assert "tune" not in yaml.safe_load(text) and "trials" not in yaml.safe_load(text)
+
+
 def test_a_pruned_trial_leaves_no_checkpoint_behind(tiny):
     tune_setup(tiny, min_epochs=1)
     cfg = load_experiment("configs/tiny/exp.yaml")
