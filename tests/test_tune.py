@@ -227,3 +227,14 @@ def test_two_workers_share_a_study_and_a_killed_workers_trial_is_retried(tiny):
                                                       for pid in (b.pid, os.getpid())}
     assert yaml.safe_load((tiny / "configs/tiny/exp-tuned.yaml").read_text())["train"]["epochs"] \
         in range(20, 26)
+
+
+def test_make_trains_tuned_configs_but_not_search_space_files(tiny):
+    for name in ("exp", "exp-tuned"):
+        write_yaml(tiny / f"configs/tiny/{name}.yaml", EXPERIMENT)
+    write_yaml(tiny / "configs/tiny/exp.tune.yaml", {"space": {"train.lr": [0.1]}})
+    out = subprocess.run(["make", "-n", "-f", str(ROOT / "Makefile"), "train", "COMP=tiny",
+                          "STAMP="], cwd=tiny, capture_output=True, text=True, check=True).stdout
+    trained = sorted(line.split()[-1] for line in out.splitlines() if "pipeline.train" in line)
+    assert trained == ["configs/tiny/exp-tuned.yaml", "configs/tiny/exp.yaml",
+                       "configs/tiny/lenet5.yaml"]
