@@ -49,7 +49,7 @@ def plot_importances(study: optuna.Study, path: Path) -> bool:
     return True
 
 
-def plot_intermediate(study: optuna.Study, metric: str, path: Path) -> None:
+def plot_intermediate(study: optuna.Study, metric: str, n_folds: int, path: Path) -> None:
     """Each trial's validation score by epoch: completed trials in blue, pruned ones in red."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for state, colour in ((TrialState.COMPLETE, "tab:blue"), (TrialState.PRUNED, "tab:red")):
@@ -58,7 +58,8 @@ def plot_intermediate(study: optuna.Study, metric: str, path: Path) -> None:
             steps = sorted(t.intermediate_values)
             ax.plot(steps, [t.intermediate_values[s] for s in steps], color=colour, alpha=0.5,
                     lw=1, label=f"{state.name.lower()} ({len(trials)})" if i == 0 else None)
-    ax.set(xlabel="epoch (+1000 per further tuning fold)", ylabel=f"validation {metric}",
+    ax.set(xlabel="epoch" + (" (+1000 per further tuning fold)" if n_folds > 1 else ""),
+           ylabel=f"validation {metric}",
            title="intermediate values: pruned vs completed")
     ax.legend(fontsize=8)
     _save(ax, path)
@@ -122,5 +123,5 @@ def write_report(study: optuna.Study, cfg: ExperimentConfig, summary: dict, out:
                  cv: dict) -> None:
     plot_history(study, out / "history.png")
     importances = plot_importances(study, out / "importances.png")
-    plot_intermediate(study, cfg.metric, out / "intermediate.png")
+    plot_intermediate(study, cfg.metric, len(summary["folds"]), out / "intermediate.png")
     write_text(render(study, cfg, summary, cv, importances), out / "report.md")
