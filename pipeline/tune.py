@@ -178,19 +178,23 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # another user's process
+        pass
     return True
 
 
 def fail_dead_workers(study: optuna.Study) -> list[int]:
     """Mark failed the running trials of workers on this host that no longer exist, and queue
-    their parameters again; returns their numbers."""
+    their parameters again; returns their numbers. A trial another worker failed meanwhile is
+    left to that worker."""
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         host, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
         if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
-            study.tell(t.number, state=TrialState.FAIL)
+            try:
+                study.tell(t.number, state=TrialState.FAIL)
+            except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+                continue
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
             failed.append(t.number)
     return failed
