@@ -313,7 +313,7 @@ def results(cfg: ExperimentConfig, path: Path, data: dict, study: optuna.Study,
                            for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL,
                                      TrialState.RUNNING)})
     write_json(summary, study_dir(cfg) / "best.json")
-    write_report(study, cfg, summary, study_dir(cfg), cv_scores(cfg, target))
+    write_report(study, cfg, summary, study_dir(cfg), cv_scores(cfg, target), FOLD_STEP)
     return summary
 
 

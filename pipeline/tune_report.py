@@ -49,20 +49,26 @@ def plot_importances(study: optuna.Study, path: Path) -> bool:
     return True
 
 
-def plot_intermediate(study: optuna.Study, metric: str, n_folds: int, path: Path) -> None:
-    """Each trial's validation score by epoch: completed trials in blue, pruned ones in red."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+def plot_intermediate(study: optuna.Study, metric: str, folds: list[int], fold_step: int,
+                      path: Path) -> None:
+    """Each trial's validation score by epoch, one panel per tuning fold (reported steps are
+    position * fold_step + epoch): completed trials in blue, pruned ones in red."""
+    fig, axes = plt.subplots(1, len(folds), figsize=(4 + 3 * len(folds), 4), sharey=True,
+                             squeeze=False)
     for state, colour in ((TrialState.COMPLETE, "tab:blue"), (TrialState.PRUNED, "tab:red")):
         trials = study.get_trials(deepcopy=False, states=(state,))
         for i, t in enumerate(trials):
-            steps = sorted(t.intermediate_values)
-            ax.plot(steps, [t.intermediate_values[s] for s in steps], color=colour, alpha=0.5,
-                    lw=1, label=f"{state.name.lower()} ({len(trials)})" if i == 0 else None)
-    ax.set(xlabel="epoch" + (" (+1000 per further tuning fold)" if n_folds > 1 else ""),
-           ylabel=f"validation {metric}",
-           title="intermediate values: pruned vs completed")
-    ax.legend(fontsize=8)
-    _save(ax, path)
+            for position, ax in enumerate(axes[0]):
+                steps = sorted(s for s in t.intermediate_values if s // fold_step == position)
+                ax.plot([s % fold_step for s in steps], [t.intermediate_values[s] for s in steps],
+                        color=colour, alpha=0.5, lw=1,
+                        label=f"{state.name.lower()} ({len(trials)})" if i == 0 else None)
+    for fold, ax in zip(folds, axes[0]):
+        ax.set(xlabel="epoch", title=f"fold {fold}")
+    axes[0][0].set_ylabel(f"validation {metric}")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("intermediate values: pruned vs completed")
+    _save(axes[0][0], path)
 
 
 def wall_seconds(study: optuna.Study) -> float:
@@ -120,8 +126,8 @@ def render(study: optuna.Study, cfg: ExperimentConfig, summary: dict, cv: dict,
 
 
 def write_report(study: optuna.Study, cfg: ExperimentConfig, summary: dict, out: Path,
-                 cv: dict) -> None:
+                 cv: dict, fold_step: int) -> None:
     plot_history(study, out / "history.png")
     importances = plot_importances(study, out / "importances.png")
-    plot_intermediate(study, cfg.metric, len(summary["folds"]), out / "intermediate.png")
+    plot_intermediate(study, cfg.metric, summary["folds"], fold_step, out / "intermediate.png")
     write_text(render(study, cfg, summary, cv, importances), out / "report.md")
