@@ -92,6 +92,15 @@ def test_a_bad_tune_section_fails_when_the_experiment_loads(tiny):
         load_experiment("configs/tiny/exp.yaml")
 
 
+def test_an_experiment_without_a_search_space_is_a_one_line_error(tiny, capsys):
+    write_yaml(tiny / "configs/tiny/exp.yaml", EXPERIMENT)
+    with pytest.raises(SystemExit) as exit_:
+        tune.main(["configs/tiny/exp.yaml"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == ("error: configs/tiny/exp.yaml: no search space: add a "
+                                       "`tune:` section or exp.tune.yaml beside it (README, Tuning)\n")
+
+
 def test_a_search_space_leaves_the_run_tag_alone_and_a_tune_file_merges_over_the_section(tiny):
     write_yaml(tiny / "configs/tiny/exp.yaml", EXPERIMENT)
     plain = config_hash(load_experiment("configs/tiny/exp.yaml"))
