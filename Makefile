@@ -1,5 +1,5 @@
 # Kaggle image-classification pipeline: each stage is a file target, so make reruns only what changed.
-# Usage: make demo | make all COMP=<comp> | make test | make bench | make help
+# Usage: make demo | make all COMP=<comp> | make tune EXP=<config> | make test | make bench | make help
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 .SECONDEXPANSION:
@@ -17,7 +17,7 @@ SETUP := $(if $(filter $(VENV)/bin/python,$(PY)),$(STAMP))
 OVERRIDES := $(SET) $(if $(DEVICE),device=$(DEVICE))
 TRAIN := $(if $(filter-out 1,$(GPUS)),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(GPUS) -m pipeline.train,$(PY) -m pipeline.train)
 CONF := configs/$(COMP)
-EXPS := $(filter-out competition ensemble,$(basename $(notdir $(wildcard $(CONF)/*.yaml))))
+EXPS := $(filter-out competition ensemble %.tune,$(basename $(notdir $(wildcard $(CONF)/*.yaml))))
 OOFS := $(EXPS:%=runs/$(COMP)/%/oof.csv)
 TESTS := $(EXPS:%=runs/$(COMP)/%/test.csv)
 WEIGHTS := runs/$(COMP)/ensemble/weights.json
@@ -31,7 +31,7 @@ OUT ?= submissions/$(COMP)-infer.csv
 LITE0 := weights/tf_efficientnet_lite0.safetensors
 EXP ?= configs/digits/lenet5.yaml
 
-.PHONY: help setup demo all folds train predict ensemble submit package infer test bench reports preview weights clean
+.PHONY: help setup demo all folds train predict ensemble submit package infer tune test bench reports preview weights clean
 
 help: ## list the targets
 	@grep -hE '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -79,6 +79,9 @@ $(LITE0): | $(SETUP)
 	$(PY) -m pipeline.weights $@
 
 weights: $(LITE0) ## convert the bundled ImageNet EfficientNet-Lite0 weights to timm format
+
+tune: $(SETUP) folds/$$(notdir $$(patsubst %/,%,$$(dir $$(EXP)))).csv ## optuna search over EXP's tune space -> <exp>-tuned.yaml (EXP=...)
+	$(PY) -m pipeline.tune $(EXP) $(OVERRIDES)
 
 preview: $(SETUP) ## PNG grid of original vs augmented samples (EXP=configs/<comp>/<exp>.yaml)
 	$(PY) -m pipeline.preview $(EXP) $(OVERRIDES)

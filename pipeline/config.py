@@ -134,6 +134,35 @@ class TTAConfig(Strict):
     max_batch: int | None = Field(None, ge=1)  # views per forward pass; None: train.eval_batch_size
 
 
+Scalar = Union[None, bool, int, float, str]
+
+
+class RangeSpec(Strict):
+    """A numeric search range: `{low, high}`, optionally `log: true` or a `step`."""
+
+    low: Union[int, float]
+    high: Union[int, float]
+    log: bool = False
+    step: Union[int, float, None] = Field(None, gt=0)
+
+
+class TuneConfig(Strict):
+    """`make tune` (pipeline.tune): `space` maps dot paths of this experiment's keys to a range
+    or a list of choices; trials count completed and pruned ones. `folds`: the folds tuned on
+    ("all" for full CV). `storage`: an optuna database URL or `journal:<file>` (default: SQLite
+    in the run folder). `keep`: what a finished trial's folder keeps (logs: no checkpoints)."""
+
+    space: dict[str, Union[RangeSpec, list[Scalar]]] = Field(min_length=1)
+    trials: int = Field(20, ge=1)
+    folds: Union[list[int], Literal["all"]] = Field([0], min_length=1)
+    sampler: Literal["tpe", "random"] = "tpe"
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    startup_trials: int = Field(5, ge=0)  # trials that finish before the pruner judges any
+    min_epochs: int = Field(3, ge=1)  # epochs a trial trains before it can be pruned
+    storage: str | None = None
+    keep: Literal["none", "logs", "all"] = "logs"
+
+
 class ExperimentConfig(CompetitionConfig):
     experiment: str
     model: ModelConfig
@@ -141,6 +170,7 @@ class ExperimentConfig(CompetitionConfig):
     train: TrainConfig = TrainConfig()
     augment: AugmentConfig = AugmentConfig()
     tta: TTAConfig = TTAConfig()
+    tune: TuneConfig | None = Field(None, exclude=True)  # no part of the run's tag or dumps
 
     @property
     def run_dir(self) -> Path:
@@ -233,9 +263,16 @@ def _own_overrides(cls: type[BaseModel], overrides: list[str] | None) -> list[st
             or o.partition("=")[0].split(".")[0] not in known]
 
 
-def _resolve(path: str | Path, overrides: list[str] | None) -> tuple[dict, Path]:
+def experiment_overrides(overrides: list[str] | None) -> list[str]:
+    """The overrides an experiment takes from a `SET` list shared by every stage."""
+    return _own_overrides(ExperimentConfig, overrides)
+
+
+def _resolve(path: str | Path, overrides: list[str] | None,
+             own: dict | None = None) -> tuple[dict, Path]:
+    """The file's keys (or `own`, read from it) merged over its competition file's, overridden."""
     path = Path(path)
-    own = read_yaml(path)
+    own = read_yaml(path) if own is None else own
     comp_name = own.pop("competition", None)
     if comp_name is None:
         comp_path, base = path, {}
@@ -252,10 +289,30 @@ def load_competition(path: str | Path, overrides: list[str] | None = None) -> Co
     return _validate(CompetitionConfig, data, path)
 
 
-def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    data, path = _resolve(path, _own_overrides(ExperimentConfig, overrides))
+def tune_file(path: str | Path) -> Path:
+    """`<exp>.tune.yaml` beside experiment file `<exp>.yaml`: its search settings."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.tune.yaml")
+
+
+def experiment_data(path: str | Path, overrides: list[str] | None = None) -> dict:
+    """An experiment's merged keys before validation (what its YAML files set, no defaults),
+    with the `tune` section of `<exp>.tune.yaml` merged over the experiment's own."""
+    own = read_yaml(path)
+    if tune_file(path).is_file():
+        own["tune"] = deep_merge(own.get("tune") or {}, read_yaml(tune_file(path)))
+    data, path = _resolve(path, _own_overrides(ExperimentConfig, overrides), own)
     data.setdefault("experiment", path.stem)
-    return _validate(ExperimentConfig, data, path)
+    return data
+
+
+def validate_experiment(data: dict, source: str | Path) -> ExperimentConfig:
+    """`data` (as experiment_data returns it) as a validated experiment; errors name `source`."""
+    return _validate(ExperimentConfig, data, Path(source))
+
+
+def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    return validate_experiment(experiment_data(path, overrides), path)
 
 
 def load_ensemble(path: str | Path, overrides: list[str] | None = None) -> EnsembleConfig:

@@ -12,6 +12,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -265,14 +266,16 @@ def peak_memory_mb(rt: Runtime) -> float:
 
 
 def train_fold(s: Setup, fold: int, fold_dir: Path, stop_after_epochs: int | None = None,
-               progress: Progress | None = None) -> None:
+               progress: Progress | None = None,
+               on_epoch: Callable[[int, float], None] | None = None) -> None:
     """Train one fold through its stages; leaves best.safetensors, last.pt and log.csv.
 
     Resumes from `last.pt` (model, optimizer, EMA, loss scaler, stage and epoch) when it was
     written with the same tag. `stop_after_epochs` ends this call after that many epochs,
     exactly as an interruption after an epoch would. Early stopping (`train.patience`) ends the
     current stage; the next stage still runs. Under torchrun every rank trains its shard of
-    each batch, and rank 0 writes.
+    each batch, and rank 0 writes. `on_epoch(epoch over all stages, validation score)` is
+    called once each epoch's checkpoint is written; an exception it raises ends the fold.
     """
     cfg, tc, rt = s.cfg, s.cfg.train, s.rt
     primary = rt.world.primary
@@ -365,6 +368,8 @@ def train_fold(s: Setup, fold: int, fold_dir: Path, stop_after_epochs: int | Non
                                       scaler=scaler.state_dict() if scaler is not None else {}))
             rt.barrier()
             done_epochs += 1
+            if on_epoch is not None:
+                on_epoch(global_epoch, val_score)
 
 
 def load_fold_model(s: Setup, fold_dir: Path) -> torch.nn.Module:

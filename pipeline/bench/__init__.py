@@ -9,8 +9,10 @@ CONFIGS = Path("configs/digits")
 
 
 def experiment_configs() -> list[Path]:
-    """The digits demo's experiment configs: every YAML but competition and ensemble."""
-    return [p for p in sorted(CONFIGS.glob("*.yaml")) if p.stem not in ("competition", "ensemble")]
+    """The digits demo's experiment configs: every YAML but competition, ensemble and search
+    spaces (`<exp>.tune.yaml`)."""
+    return [p for p in sorted(CONFIGS.glob("*.yaml"))
+            if p.stem not in ("competition", "ensemble") and not p.name.endswith(".tune.yaml")]
 
 
 def ensure_demo_inputs() -> None:
