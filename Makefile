@@ -5,8 +5,9 @@ SHELL := /bin/bash
 .SECONDEXPANSION:
 .DELETE_ON_ERROR:
 
-COMP ?= digits
+COMP ?=
 SET ?=
+KEEP ?=
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -17,10 +18,21 @@ TESTS := $(EXPS:%=runs/$(COMP)/%/test.csv)
 WEIGHTS := runs/$(COMP)/ensemble/weights.json
 SUBMISSION := submissions/$(COMP).csv
 
+# Targets that work on one competition: refuse, in one line, a missing or unknown COMP.
+COMP_GOALS := all folds train predict ensemble submit leaderboard prune
+COMPS := $(notdir $(patsubst %/competition.yaml,%,$(wildcard configs/*/competition.yaml)))
+ifneq ($(filter $(COMP_GOALS),$(MAKECMDGOALS)),)
+ifeq ($(COMP),)
+$(error COMP is not set: say which competition, e.g. make $(firstword $(filter $(COMP_GOALS),$(MAKECMDGOALS))) COMP=$(firstword $(COMPS)) (configs/ has: $(COMPS)))
+else ifeq ($(wildcard configs/$(COMP)/competition.yaml),)
+$(error configs/$(COMP)/competition.yaml not found: COMP=$(COMP) is not a competition (configs/ has: $(COMPS)))
+endif
+endif
+
 LITE0 := weights/tf_efficientnet_lite0.safetensors
 EXP ?= configs/digits/lenet5.yaml
 
-.PHONY: help setup demo all folds train predict ensemble submit test bench reports preview weights clean
+.PHONY: help setup demo all folds train predict ensemble submit leaderboard prune test bench reports preview weights clean
 
 help: ## list the targets
 	@grep -hE '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -56,6 +68,13 @@ predict: $(TESTS) ## TTA predictions: OOF and test, per experiment
 ensemble: $(WEIGHTS) ## tune blend weights on the OOF
 submit: $(SUBMISSION) ## write submissions/$(COMP).csv
 all: $(SUBMISSION) ## folds, train, predict, ensemble, submit for COMP
+
+leaderboard: | $(STAMP) ## every experiment and past version of COMP, sorted by CV
+	$(PY) -m pipeline.leaderboard $(CONF)/competition.yaml $(SET)
+
+prune: | $(STAMP) ## keep only the KEEP newest past versions of each experiment of COMP
+	@test -n "$(KEEP)" || { echo "KEEP is not set: e.g. make prune COMP=$(COMP) KEEP=3 (0 keeps only the current runs)"; exit 2; }
+	$(PY) -m pipeline.runs $(CONF)/competition.yaml --keep $(KEEP)
 
 $(LITE0): | $(STAMP)
 	$(PY) -m pipeline.weights $@

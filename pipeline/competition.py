@@ -107,7 +107,8 @@ class ImageIndex:
 
 def _attach_paths(ids: pd.Series, index: ImageIndex, table: Path, on_bad: str,
                   cache_dir: str = "cache") -> tuple[list, list]:
-    """Image path per id; with on_bad='skip', missing, empty and undecodable files give None."""
+    """Image path per id, every file decode-checked; with on_bad='skip', missing, empty and
+    undecodable files give None, else the first one stops with its row."""
     paths, bad = [], []
     for row, image_id in enumerate(ids):
         path = index.find(image_id)
@@ -121,12 +122,13 @@ def _attach_paths(ids: pd.Series, index: ImageIndex, table: Path, on_bad: str,
         if problem:
             bad.append(f"{table} row {row + 2}: {problem}")
         paths.append(None if problem else str(path))
-    if on_bad == "skip":  # corrupt files too; in error mode the image cache names them
-        corrupt = undecodable([p for p in paths if p is not None], cache_dir)
-        for row, path in enumerate(paths):
-            if path in corrupt:
-                bad.append(f"{table} row {row + 2}: {corrupt[path]}")
-                paths[row] = None
+    corrupt = undecodable([p for p in paths if p is not None], cache_dir)  # remembered: cheap
+    for row, path in enumerate(paths):
+        if path in corrupt:
+            if on_bad == "error":
+                raise UserError(f"{table}: row {row + 2}: {corrupt[path]}")
+            bad.append(f"{table} row {row + 2}: {corrupt[path]}")
+            paths[row] = None
     return paths, bad
 
 
@@ -209,7 +211,7 @@ def load_competition_data(cfg: CompetitionConfig) -> Competition:
     train["path"] = train_paths
     test = pd.DataFrame({"id": sample[sample.columns[0]].str.strip()})
     test_paths, bad_test = _attach_paths(test["id"], ImageIndex(d.path("test_images"), d.image_suffix),
-                                         sample_path, "error")
+                                         sample_path, "error", d.cache_dir)
     test["path"] = test_paths
     if bad:
         for line in bad:

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import torch
 
-from pipeline import metrics, tta
+from pipeline import experiment_report, metrics, tta
 from pipeline.artifacts import write_csv, write_json
 from pipeline.config import ExperimentConfig, load_experiment
 from pipeline.data import CachedImages, make_loader, normalize
@@ -112,6 +112,7 @@ def run(cfg: ExperimentConfig) -> dict:
     scores.update(cv_tta=tta_scores[best], per_fold_tta=per_fold_tta, tta_views=best,
                   tta_merge=cfg.tta.merge, tta_scores=tta_scores)
     write_json(scores, run_dir / "scores.json")
+    experiment_report.write(s)  # report.md and PNGs: learning curves, OOF errors
     test_df = proba_frame(s.comp.test["id"], -1, test[best], s.comp.classes)
     write_csv(test_df.drop(columns="fold"), run_dir / "test.csv")  # last: make's target
     print(f"{cfg.experiment}: CV {cfg.metric} {scores['cv']:.5f} without TTA, "

@@ -7,7 +7,7 @@ oof.csv and scores.json are written once every fold is done.
 """
 from __future__ import annotations
 
-import shutil
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -23,7 +23,7 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from pipeline import cpu, finetune, metrics
+from pipeline import cpu, finetune, metrics, provenance, runs
 from pipeline.artifacts import atomic_path, file_hash, write_csv, write_json, write_text
 from pipeline.augment import eval_transform, mixer, train_transform
 from pipeline.competition import Competition, load_competition_data
@@ -279,16 +279,6 @@ def fold_oof(s: Setup, fold: int, fold_dir: Path) -> pd.DataFrame:
     return proba_frame(s.comp.train["id"].iloc[rows], fold, proba, s.comp.classes)
 
 
-def reset_if_stale(run_dir: Path, tag: str) -> None:
-    """Artifacts built from another config or fold file are removed, never mixed in."""
-    tag_file = run_dir / "tag.txt"
-    if tag_file.is_file() and tag_file.read_text().strip() != tag:
-        old = tag_file.read_text().strip()
-        print(f"{run_dir}: built from {old}, now {tag}: rebuilding", file=sys.stderr)
-        shutil.rmtree(run_dir)
-    write_text(tag + "\n", tag_file)
-
-
 def run(cfg: ExperimentConfig, only: list[int] | None = None) -> dict | None:
     """Train the folds not yet done (all, or those in `only`); the run's OOF and scores once
     every fold is done, else None."""
@@ -300,13 +290,27 @@ def run(cfg: ExperimentConfig, only: list[int] | None = None) -> dict | None:
         raise UserError(f"--fold {outside[0]}: the folds are 0 to {n_splits - 1} (folds.n_splits)")
     s = prepare(cfg)
     run_dir = cfg.run_dir
-    reset_if_stale(run_dir, s.tag)
+    runs.start_version(run_dir, s.tag)
     write_text(cfg.model_dump_json(indent=2) + "\n", run_dir / "config.json")
+    record = provenance.collect()
+    prov_path = run_dir / "provenance.json"
+    if prov_path.is_file():  # a resumed run keeps the times of the folds already done
+        record["fold_seconds"] = json.loads(prov_path.read_text()).get("fold_seconds", {})
+    write_json(record, prov_path)
     done = [run_dir / f"fold{k}" / "oof.csv" for k in range(n_splits)]
-    for fold in sorted(set(only)) if only else range(n_splits):
-        if not done[fold].is_file():
-            train_fold(s, fold, done[fold].parent)
-            write_csv(fold_oof(s, fold, done[fold].parent), done[fold])
+    try:
+        for fold in sorted(set(only)) if only else range(n_splits):
+            if not done[fold].is_file():
+                started = time.perf_counter()
+                train_fold(s, fold, done[fold].parent)
+                write_csv(fold_oof(s, fold, done[fold].parent), done[fold])
+                (done[fold].parent / "last.pt").unlink(missing_ok=True)  # resume needs it no more
+                record.setdefault("fold_seconds", {})[str(fold)] = round(
+                    time.perf_counter() - started, 1)
+                write_json(record, prov_path)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"{cfg.experiment}: the next train resumes at "
+                                f"{runs.resume_point(run_dir, n_splits)}") from None
     missing = [k for k in range(n_splits) if not done[k].is_file()]
     if missing:
         print(f"{cfg.experiment}: folds {', '.join(map(str, missing))} still to train; oof.csv and "
