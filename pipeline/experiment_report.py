@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pandas as pd
@@ -18,6 +18,9 @@ from matplotlib.figure import Figure
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from pipeline.artifacts import atomic_path, write_text
+
+if TYPE_CHECKING:
+    from pipeline.train import Setup
 
 DPI = 80  # small files: a few tens of kB each
 
@@ -133,8 +136,10 @@ def plot_reliability(table: pd.DataFrame, ece: float, path: Path) -> None:
            label="accuracy in bin")
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
     ax.plot(t["confidence"], t["accuracy"], "o", color="C3", ms=4, label="mean confidence")
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="top-class probability", ylabel="accuracy",
-           title=f"reliability (ECE {ece:.3f})")
+    for lo, acc, n in zip(t["lo"], t["accuracy"], t["n"]):
+        ax.text(lo + width / 2, acc + 0.01, f"{n:.0f}", ha="center", va="bottom", fontsize=6)
+    ax.set(xlim=(0, 1), ylim=(0, 1.08), xlabel="top-class probability (numbers: rows per bin)",
+           ylabel="accuracy", title=f"reliability (ECE {ece:.3f})")
     ax.legend(fontsize=7, loc="upper left")
     save_png(fig, path)
 
@@ -210,7 +215,7 @@ def render(experiment: str, task: str, scores: dict, logs: dict[int, pd.DataFram
     return "\n".join(lines + SECTIONS[task](oof, ids, run_dir, gallery))
 
 
-def write(s) -> Path:
+def write(s: Setup) -> Path:
     """Write runs/<comp>/<exp>/report.md and its PNGs for the trained and predicted
     experiment of `s` (a train.Setup); returns report.md's path."""
     run_dir = s.cfg.run_dir

@@ -13,8 +13,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
-
 from pipeline.artifacts import write_text
 from pipeline.config import load_competition
 from pipeline.errors import UserError, cli, stage_args
@@ -110,6 +108,8 @@ def prune(comp_runs: Path, keep: int) -> list[Path]:
 
 def resume_point(run_dir: Path, n_splits: int) -> str:
     """Where the next `train` of this run starts: the first unfinished fold, its stage and epoch."""
+    import torch  # here: pruning and the leaderboard need no torch
+
     for fold in range(n_splits):
         fold_dir = run_dir / f"fold{fold}"
         if (fold_dir / "oof.csv").is_file():

@@ -281,7 +281,8 @@ def fold_oof(s: Setup, fold: int, fold_dir: Path) -> pd.DataFrame:
 
 def run(cfg: ExperimentConfig, only: list[int] | None = None) -> dict | None:
     """Train the folds not yet done (all, or those in `only`); the run's OOF and scores once
-    every fold is done, else None."""
+    every fold is done, else None. A finished run of another tag moves to the history
+    (pipeline.runs); provenance.json records what built this one and each fold's wall time."""
     finetune.check_finetune(cfg)
     check_pretrained(cfg.model)
     n_splits = cfg.folds.n_splits
