@@ -72,13 +72,19 @@ def train_minutes(run_dir: Path, prov: dict) -> float | None:
     return round(sum(seconds.values()) / 60, 2) if seconds else None
 
 
-def blend_weights(comp_runs: Path) -> dict[str, float]:
-    """{experiment: weight used} over the competition's ensembles (several: joined by '/')."""
-    found: dict[str, list[str]] = {}
+def blend_weights(comp_runs: Path, run_dir: Path) -> dict[Path, str]:
+    """{version folder: its weight} for `run_dir`'s experiment in each ensemble of the
+    competition (several: joined by '/'), given to the version the ensemble blended: the
+    newest one predicted before the ensemble ran."""
+    found: dict[Path, list[str]] = {}
     for path in sorted(comp_runs.glob("*/weights.json")):
-        for name, w in _read(path).get("weights", {}).items():
-            found.setdefault(name, []).append(f"{w:.3f}")
-    return {name: "/".join(ws) for name, ws in found.items()}
+        weight = _read(path).get("weights", {}).get(run_dir.name)
+        built = path.stat().st_mtime_ns
+        predicted = [((f / "test.csv").stat().st_mtime_ns, f) for f in [run_dir, *versions(run_dir)]
+                     if (f / "test.csv").is_file() and (f / "test.csv").stat().st_mtime_ns <= built]
+        if weight is not None and predicted:
+            found.setdefault(max(predicted)[1], []).append(f"{weight:.3f}")
+    return {folder: "/".join(ws) for folder, ws in found.items()}
 
 
 def version_row(run_dir: Path, experiment: str, version: str, base: dict | None,
@@ -103,15 +109,16 @@ def version_row(run_dir: Path, experiment: str, version: str, base: dict | None,
 def rows(comp_runs: Path, competition: dict) -> list[dict]:
     """A row per experiment's current version (its changes shown against the competition's
     defaults) and per past version (against the current config)."""
-    weights = blend_weights(comp_runs)
     out = []
     for run_dir in sorted(p for p in comp_runs.iterdir() if p.is_dir()):
         current = _read(run_dir / "config.json")
+        weights = blend_weights(comp_runs, run_dir)
         row = version_row(run_dir, run_dir.name, "current", None, competition,
-                          weights.get(run_dir.name))
+                          weights.get(run_dir))
         out += [row] if row else []
         for past in versions(run_dir):
-            row = version_row(past, run_dir.name, past.name, current or None, competition, None)
+            row = version_row(past, run_dir.name, past.name, current or None, competition,
+                              weights.get(past))
             out += [row] if row else []
     return out
 

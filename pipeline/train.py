@@ -307,7 +307,7 @@ def run(cfg: ExperimentConfig, only: list[int] | None = None) -> dict | None:
                 write_csv(fold_oof(s, fold, done[fold].parent), done[fold])
                 (done[fold].parent / "last.pt").unlink(missing_ok=True)  # resume needs it no more
                 record.setdefault("fold_seconds", {})[str(fold)] = round(
-                    time.perf_counter() - started, 1)
+                    time.perf_counter() - started, 3)
                 write_json(record, prov_path)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"{cfg.experiment}: the next train resumes at "

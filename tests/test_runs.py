@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -99,6 +100,7 @@ def fake_run(folder: Path, cv: float, metric: str = "accuracy", tta: float | Non
     if tta is not None:
         scores.update(cv_tta=tta, per_fold_tta={"0": tta, "1": tta}, tta_views="hflip")
     (folder / "scores.json").write_text(json.dumps(scores))
+    (folder / "test.csv").write_text("id\n")
     (folder / "config.json").write_text(load_experiment(
         "configs/tiny/lenet5.yaml", [f"train.lr={lr}", f"metric={metric}"]).model_dump_json())
     (folder / "provenance.json").write_text(json.dumps(
@@ -115,6 +117,10 @@ def test_leaderboard_lists_every_version_sorted_in_the_metric_direction(tiny, me
     fake_run(comp / "b", 0.80, metric)
     (comp / "ensemble").mkdir()
     (comp / "ensemble/weights.json").write_text(json.dumps({"weights": {"a": 0.25, "b": 0.75}}))
+    blended = (comp / "ensemble/weights.json").stat().st_mtime
+    for version, age in (("a/history/old1", 9), ("a/history/old2", 8), ("a", 5)):
+        os.utime(comp / version / "test.csv", (blended - age, blended - age))
+    os.utime(comp / "b/test.csv", (blended + 9, blended + 9))  # predicted after the blend
     cfg = load_competition("configs/tiny/competition.yaml", [f"metric={metric}"])
     df, md = leaderboard.build(comp, cfg)
 
@@ -129,7 +135,9 @@ def test_leaderboard_lists_every_version_sorted_in_the_metric_direction(tiny, me
     row = df.set_index(["experiment", "version"])
     assert row.loc[("a", "current"), "fold_std"] == pytest.approx(0.0)
     assert row.loc[("b", "current"), "fold_std"] == pytest.approx(0.01)
-    assert row.loc[("a", "current"), "blend_weight"] == "0.250"
+    assert row.loc[("a", "current"), "blend_weight"] == "0.250"  # the newest before the blend
+    assert pd.isna(row.loc[("a", "old1"), "blend_weight"])
+    assert pd.isna(row.loc[("b", "current"), "blend_weight"])  # not the version blended
     assert row.loc[("a", "current"), "train_min"] == 2.0
     assert row.loc[("a", "old1"), "changes"] == "train.lr=0.01"
     assert row.loc[("a", "current"), "changes"] == "train.epochs=2 train.batch_size=8"
@@ -145,7 +153,7 @@ def test_prune_keeps_the_newest_past_versions_and_every_current_run(tiny, capsys
     for i, name in enumerate(["v1", "v2", "v3"]):
         fake_run(comp / f"a/history/{name}", 0.5)
         stamp = 1_700_000_000 + i
-        __import__("os").utime(comp / f"a/history/{name}", (stamp, stamp))
+        os.utime(comp / f"a/history/{name}", (stamp, stamp))
     fake_run(comp / "a", 0.6)
     runs.main(["configs/tiny/competition.yaml", "--keep", "1"])
     assert sorted(p.name for p in (comp / "a/history").iterdir()) == ["v3"]
