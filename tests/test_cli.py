@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from conftest import EXPERIMENT, write_yaml
 from pipeline import folds, train
@@ -52,12 +53,13 @@ def test_ctrl_c_during_training_prints_one_line_exits_130_and_the_rerun_resumes(
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.startswith("interrupted")]
     assert len(lines) == 1 and lines[0] == err.strip().splitlines()[-1]
-    epochs_done = len(pd.read_csv(tiny / "runs/tiny/lenet5/fold0/log.csv"))
+    epochs_done = torch.load(last, weights_only=True)["state"]["epoch"]  # the resume point
     assert lines[0] == f"interrupted: lenet5: the next train resumes at fold 0 stage 0 epoch {epochs_done}"
 
     train.main(["configs/tiny/lenet5.yaml", "--fold", "0"])
     assert f"fold 0: resuming at stage 0 epoch {epochs_done}" in capsys.readouterr().err
-    assert len(pd.read_csv(tiny / "runs/tiny/lenet5/fold0/log.csv")) == 12
+    assert pd.read_csv(tiny / "runs/tiny/lenet5/fold0/log.csv")["epoch"].iloc[-1] == 11
+    assert (tiny / "runs/tiny/lenet5/fold0/oof.csv").is_file() and not last.exists()
 
 
 def make(*args: str) -> subprocess.CompletedProcess:
