@@ -5,10 +5,11 @@ SHELL := /bin/bash
 .SECONDEXPANSION:
 .DELETE_ON_ERROR:
 
-COMP ?= digits
+COMP ?=
 SET ?=
 DEVICE ?=
 GPUS ?= 1
+KEEP ?=
 VENV := .venv
 PY ?= $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -28,10 +29,21 @@ TEST_IMAGES ?= data/$(COMP)/test
 SAMPLE ?= data/$(COMP)/sample_submission.csv
 OUT ?= submissions/$(COMP)-infer.csv
 
+# Targets that work on one competition: refuse, in one line, a missing or unknown COMP.
+COMP_GOALS := all folds train predict ensemble submit package leaderboard prune
+COMPS := $(notdir $(patsubst %/competition.yaml,%,$(wildcard configs/*/competition.yaml)))
+ifneq ($(filter $(COMP_GOALS),$(MAKECMDGOALS)),)
+ifeq ($(COMP),)
+$(error COMP is not set: say which competition, e.g. make $(firstword $(filter $(COMP_GOALS),$(MAKECMDGOALS))) COMP=$(firstword $(COMPS)) (configs/ has: $(COMPS)))
+else ifeq ($(wildcard configs/$(COMP)/competition.yaml),)
+$(error configs/$(COMP)/competition.yaml not found: COMP=$(COMP) is not a competition (configs/ has: $(COMPS)))
+endif
+endif
+
 LITE0 := weights/tf_efficientnet_lite0.safetensors
 EXP ?= configs/digits/lenet5.yaml
 
-.PHONY: help setup demo all folds train predict ensemble submit package infer tune test bench reports preview weights clean
+.PHONY: help setup demo all folds train predict ensemble submit package infer tune leaderboard prune test bench reports preview weights clean
 
 help: ## list the targets
 	@grep -hE '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -74,6 +86,13 @@ packages/$(COMP)/manifest.json: $(WEIGHTS)
 package: packages/$(COMP)/manifest.json ## inference package packages/$(COMP)/ (PACKAGE_HALF=1: float16 weights)
 infer: $(SETUP) ## submission from a package alone (PACKAGE=, TEST_IMAGES=, SAMPLE=, OUT=)
 	$(PY) -m pipeline.infer $(PACKAGE) --test-images $(TEST_IMAGES) --sample-submission $(SAMPLE) --out $(OUT)
+
+leaderboard: | $(SETUP) ## every experiment and past version of COMP, sorted by CV
+	$(PY) -m pipeline.leaderboard $(CONF)/competition.yaml $(SET)
+
+prune: | $(SETUP) ## keep only the KEEP newest past versions of each experiment of COMP
+	@test -n "$(KEEP)" || { echo "KEEP is not set: e.g. make prune COMP=$(COMP) KEEP=3 (0 keeps only the current runs)"; exit 2; }
+	$(PY) -m pipeline.runs $(CONF)/competition.yaml --keep $(KEEP)
 
 $(LITE0): | $(SETUP)
 	$(PY) -m pipeline.weights $@

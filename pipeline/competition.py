@@ -106,8 +106,10 @@ class ImageIndex:
 
 
 def _attach_paths(ids: pd.Series, index: ImageIndex, table: Path, on_bad: str,
-                  cache_dir: str = "cache") -> tuple[list, list]:
-    """Image path per id; with on_bad='skip', missing, empty and undecodable files give None."""
+                  cache_dir: str | None) -> tuple[list, list]:
+    """Image path per id, every file decode-checked (the result remembered in `cache_dir`;
+    None: not checked); with on_bad='skip', missing, empty and undecodable files give None,
+    else the first one stops with its row."""
     paths, bad = [], []
     for row, image_id in enumerate(ids):
         path = index.find(image_id)
@@ -121,18 +123,22 @@ def _attach_paths(ids: pd.Series, index: ImageIndex, table: Path, on_bad: str,
         if problem:
             bad.append(f"{table} row {row + 2}: {problem}")
         paths.append(None if problem else str(path))
-    if on_bad == "skip":  # corrupt files too; in error mode the image cache names them
-        corrupt = undecodable([p for p in paths if p is not None], cache_dir)
-        for row, path in enumerate(paths):
-            if path in corrupt:
-                bad.append(f"{table} row {row + 2}: {corrupt[path]}")
-                paths[row] = None
+    corrupt = {} if cache_dir is None else \
+        undecodable([p for p in paths if p is not None], cache_dir)  # remembered: cheap
+    for row, path in enumerate(paths):
+        if path in corrupt:
+            if on_bad == "error":
+                raise UserError(f"{table}: row {row + 2}: {corrupt[path]}")
+            bad.append(f"{table} row {row + 2}: {corrupt[path]}")
+            paths[row] = None
     return paths, bad
 
 
-def find_images(ids: pd.Series, folder: Path, suffix: str, table: Path) -> list[str]:
-    """The image path of every id; a missing or empty file stops with a UserError naming its row."""
-    return _attach_paths(ids, ImageIndex(folder, suffix), table, "error")[0]
+def find_images(ids: pd.Series, folder: Path, suffix: str, table: Path,
+                cache_dir: str | None = None) -> list[str]:
+    """The image path of every id; a missing, empty or (with `cache_dir`) undecodable file stops
+    with a UserError naming its row."""
+    return _attach_paths(ids, ImageIndex(folder, suffix), table, "error", cache_dir)[0]
 
 
 def infer_submission_format(sample: pd.DataFrame, classes: list[str], cfg: CompetitionConfig,
@@ -213,7 +219,8 @@ def load_competition_data(cfg: CompetitionConfig) -> Competition:
                                      train_path, d.on_bad_image, d.cache_dir)
     train["path"] = train_paths
     test = pd.DataFrame({"id": sample[sample.columns[0]].str.strip()})
-    test["path"] = find_images(test["id"], d.path("test_images"), d.image_suffix, sample_path)
+    test["path"] = find_images(test["id"], d.path("test_images"), d.image_suffix, sample_path,
+                               d.cache_dir)
     if bad:
         for line in bad:
             print(f"warning: skipped {line}", file=sys.stderr)

@@ -279,8 +279,13 @@ def _resolve(path: str | Path, overrides: list[str] | None,
     else:
         comp_path = path.parent / str(comp_name)
         base = read_yaml(comp_path)
+    folder = comp_path.parent.name
+    for file, data in ((comp_path, base), (path, own)):
+        if data.get("name", folder) != folder:
+            raise UserError(f"{file}: name: {data['name']!r} disagrees with its folder "
+                            f"{comp_path.parent}; remove `name` (it is the folder's name)")
     merged = deep_merge(base, own)
-    merged.setdefault("name", comp_path.parent.name)
+    merged["name"] = folder
     return apply_overrides(merged, overrides or []), path
 
 

@@ -77,10 +77,14 @@ class Runtime:
     def cuda(self) -> bool:
         return self.device.type == "cuda"
 
-    def describe(self) -> str:
+    def device_name(self) -> str:
+        """E.g. `cuda:0 (NVIDIA H200)` or `cpu (CPU)`."""
         name = torch.cuda.get_device_name(self.device) if self.cuda else "CPU"
+        return f"{self.device} ({name})"
+
+    def describe(self) -> str:
         ranks = f", {self.world.size} processes" if self.world.size > 1 else ""
-        return f"{self.device} ({name}), {self.precision}{ranks}"
+        return f"{self.device_name()}, {self.precision}{ranks}"
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Mixed precision for forward passes; nothing in fp32."""

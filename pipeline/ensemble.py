@@ -33,7 +33,7 @@ import pandas as pd
 import sqlalchemy.exc
 
 from pipeline import blend, metrics
-from pipeline.ensemble_report import plot_folds, plot_history, render_report
+from pipeline.ensemble_report import headline, plot_folds, plot_history, render_report
 from pipeline.artifacts import atomic_path, write_csv, write_json, write_text
 from pipeline.competition import load_competition_data
 from pipeline.config import EnsembleConfig, load_ensemble
@@ -259,9 +259,7 @@ def run(cfg: EnsembleConfig) -> dict:
     plot_history(study, cfg.metric, run_dir / "history.png")
     plot_folds(result["per_fold"], cfg.metric, run_dir / "folds.png")
     write_text(render_report(result, cfg), run_dir / "report.md")
-    print(f"ensemble: OOF {cfg.metric} {result['cv']:.5f} with {result['choice']} weights "
-          f"{', '.join(f'{n}={w:.3f}' for n, w in result['weights'].items())}, "
-          f"mode {result['mode']}; report {run_dir / 'report.md'}", file=sys.stderr)
+    print(f"ensemble: {headline(result)}; report {run_dir / 'report.md'}", file=sys.stderr)
     return result
 
 

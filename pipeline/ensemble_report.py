@@ -63,6 +63,20 @@ def score_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def headline(result: dict) -> str:
+    """The score to quote first: nested CV for tuned weights (the in-sample OOF score of weights
+    tuned on that same OOF is optimistic), the plain OOF score for untuned equal weights."""
+    metric, weights = result["metric"], result["weights"]
+    used = (f"{result['choice']} weights {', '.join(f'{n}={w:.3f}' for n, w in weights.items())}, "
+            f"mode {result['mode']}")
+    if result["choice"] == "tuned" and result["nested_cv"] is not None:
+        return (f"nested-CV {metric} {result['nested_cv']:.5f} with {used} "
+                f"(in-sample OOF {result['cv']:.5f}, optimistic)")
+    if result["choice"] == "tuned":
+        return f"in-sample OOF {metric} {result['cv']:.5f} with {used} (nested_cv off: unchecked)"
+    return f"OOF {metric} {result['cv']:.5f} with {used}"
+
+
 def render_report(result: dict, cfg: EnsembleConfig) -> str:
     names = result["experiments"]
     nested = result["nested_fold_weights"]

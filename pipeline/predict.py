@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import torch
 
-from pipeline import inference, metrics, tta
+from pipeline import experiment_report, inference, metrics, tta
 from pipeline.artifacts import write_csv, write_json
 from pipeline.config import ExperimentConfig, load_experiment
 from pipeline.data import CachedImages, make_loader
@@ -120,6 +120,7 @@ def run(cfg: ExperimentConfig) -> dict:
     scores.update(cv_tta=tta_scores[best], per_fold_tta=per_fold_tta, tta_views=best,
                   tta_merge=cfg.tta.merge, tta_scores=tta_scores)
     write_json(scores, run_dir / "scores.json")
+    experiment_report.write(s)  # report.md and PNGs: learning curves, OOF errors
     test = predict_test(s, [best])[best]  # the chosen views only, as a package predicts
     test_df = proba_frame(s.comp.test["id"], -1, test, s.comp.classes)
     write_csv(test_df.drop(columns="fold"), run_dir / "test.csv")  # last: make's target

@@ -7,7 +7,7 @@ oof.csv and scores.json are written once every fold is done.
 """
 from __future__ import annotations
 
-import shutil
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -24,7 +24,7 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from pipeline import cpu, device, finetune, inference, metrics
+from pipeline import cpu, device, finetune, inference, metrics, provenance, runs
 from pipeline.artifacts import atomic_path, file_hash, write_csv, write_json, write_text
 from pipeline.augment import eval_transform, mixer, train_transform
 from pipeline.competition import Competition, load_competition_data
@@ -201,13 +201,14 @@ def train_epoch(s: Setup, model, loader, optimizer, lr_factors: list[float], fir
         if first:
             finetune.set_lrs(optimizer, lr_factors[i // tc.accumulate], first_trainable)
             first_lrs = first_lrs or finetune.group_lr_row(optimizer)
-            optimizer.zero_grad(set_to_none=True)
         with rt.no_sync(trained, not last), rt.autocast():
             if mix is not None:
                 x, y_soft = mix(x, y)
                 loss = SoftTargetCrossEntropy()(trained(x).float(), y_soft)
             else:
                 loss = F.cross_entropy(trained(x).float(), y, label_smoothing=tc.label_smoothing)
+        if first:  # the last step's gradients are freed only now: their memory serves this one's
+            optimizer.zero_grad(set_to_none=True)
         rt.backward(loss / tc.accumulate if tc.accumulate > 1 else loss, scaler)
         if last:
             rt.step(optimizer, scaler, params, tc.grad_clip)
@@ -303,13 +304,15 @@ def train_fold(s: Setup, fold: int, fold_dir: Path, stop_after_epochs: int | Non
     last, log_path = fold_dir / "last.pt", fold_dir / "log.csv"
     state = resume(last, s.tag, model, optimizer, ema, scaler,
                    dict(stage=0, epoch=0, best=metrics.worst(cfg.metric), bad_epochs=0, step=0))
+    log = []
     if state["step"]:
         done = sum(st.epochs for st in plan[:state["stage"]]) + state["epoch"]
         progress.skip(done)
         if primary:
             print(f"fold {fold}: resuming at stage {state['stage']} epoch {state['epoch']}",
                   file=sys.stderr)
-    log = pd.read_csv(log_path).to_dict("records") if state["step"] and log_path.is_file() else []
+        if log_path.is_file():  # rows of epochs after the checkpoint's (killed between writes)
+            log = [r for r in pd.read_csv(log_path).to_dict("records") if r["epoch"] < done]
 
     done_epochs, wrapped_for = 0, None
     with EpochLoaders(lambda e: epoch_loader(s, train_ds, fold, e), n_epochs) as loaders:
@@ -391,19 +394,10 @@ def fold_oof(s: Setup, fold: int, fold_dir: Path) -> pd.DataFrame:
     return proba_frame(s.comp.train["id"].iloc[rows], fold, proba, s.comp.classes)
 
 
-def reset_if_stale(run_dir: Path, tag: str) -> None:
-    """Artifacts built from another config or fold file are removed, never mixed in."""
-    tag_file = run_dir / "tag.txt"
-    if tag_file.is_file() and tag_file.read_text().strip() != tag:
-        old = tag_file.read_text().strip()
-        print(f"{run_dir}: built from {old}, now {tag}: rebuilding", file=sys.stderr)
-        shutil.rmtree(run_dir)
-    write_text(tag + "\n", tag_file)
-
-
 def run(cfg: ExperimentConfig, only: list[int] | None = None) -> dict | None:
     """Train the folds not yet done (all, or those in `only`); the run's OOF and scores once
-    every fold is done, else None."""
+    every fold is done, else None. A finished run of another tag moves to the history
+    (pipeline.runs); provenance.json records what built this one and each fold's wall time."""
     finetune.check_finetune(cfg)
     check_pretrained(cfg.model)
     n_splits = cfg.folds.n_splits
@@ -412,20 +406,34 @@ def run(cfg: ExperimentConfig, only: list[int] | None = None) -> dict | None:
         raise UserError(f"--fold {outside[0]}: the folds are 0 to {n_splits - 1} (folds.n_splits)")
     s = prepare(cfg)
     run_dir, primary = cfg.run_dir, s.rt.world.primary
+    prov_path = run_dir / "provenance.json"
     if primary:
         print(f"{cfg.experiment}: training on {s.rt.describe()}", file=sys.stderr)
-        reset_if_stale(run_dir, s.tag)
+        runs.start_version(run_dir, s.tag)
         write_text(cfg.model_dump_json(indent=2) + "\n", run_dir / "config.json")
+        record = provenance.collect(s.rt.device_name(), s.rt.precision, s.rt.world.size)
+        if prov_path.is_file():  # a resumed run keeps the times of the folds already done
+            record["fold_seconds"] = json.loads(prov_path.read_text()).get("fold_seconds", {})
+        write_json(record, prov_path)
     s.rt.barrier()
     done = [run_dir / f"fold{k}" / "oof.csv" for k in range(n_splits)]
     todo = [k for k in (sorted(set(only)) if only else range(n_splits)) if not done[k].is_file()]
     progress = Progress(len(todo))
-    for fold in todo:
-        train_fold(s, fold, done[fold].parent, progress=progress)
-        oof = fold_oof(s, fold, done[fold].parent)
-        if primary:
-            write_csv(oof, done[fold])
-        s.rt.barrier()
+    try:
+        for fold in todo:
+            started = time.perf_counter()
+            train_fold(s, fold, done[fold].parent, progress=progress)
+            oof = fold_oof(s, fold, done[fold].parent)
+            if primary:
+                write_csv(oof, done[fold])
+                (done[fold].parent / "last.pt").unlink(missing_ok=True)  # resume needs it no more
+                record.setdefault("fold_seconds", {})[str(fold)] = round(
+                    time.perf_counter() - started, 3)
+                write_json(record, prov_path)
+            s.rt.barrier()
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"{cfg.experiment}: the next train resumes at "
+                                f"{runs.resume_point(run_dir, n_splits)}") from None
     if not primary:
         return None
     missing = [k for k in range(n_splits) if not done[k].is_file()]

@@ -20,7 +20,9 @@ from pipeline import ensemble, folds, train
 
 
 def snapshot(root: Path) -> dict:
-    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+    """Every file's modification time, less cache/ (memos of decoded images, not artifacts)."""
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*")
+            if p.is_file() and "cache" not in p.relative_to(root).parts}
 
 
 def edit_csv(path: Path, fn) -> None:
@@ -101,11 +103,26 @@ IMAGE_CASES = [
 
 
 @pytest.mark.parametrize("case, breaker", IMAGE_CASES, ids=[c[0] for c in IMAGE_CASES])
-def test_undecodable_images_stop_training(tiny, capsys, case, breaker):
-    folds.main(COMP)
+def test_undecodable_images_stop_the_folds_stage_before_any_work(tiny, capsys, case, breaker):
     breaker(tiny / "data/tiny/train/tr1004.png")
+    line = run_stage(folds, COMP, tiny, capsys)
+    assert line.startswith("error: data/tiny/train.csv: row 14: data/tiny/train/tr1004.png: "
+                           "cannot decode image")
+    assert not (tiny / "folds").exists()
+
+
+def test_garbage_test_image_is_named_with_its_sample_submission_row(tiny, capsys):
+    (tiny / "data/tiny/test/te002.png").write_bytes(b"\x00garbage" * 50)
+    line = run_stage(folds, COMP, tiny, capsys)
+    assert line.startswith("error: data/tiny/sample_submission.csv: row 5: "
+                           "data/tiny/test/te002.png: cannot decode image")
+
+
+def test_an_image_broken_after_the_folds_stage_stops_training(tiny, capsys):
+    folds.main(COMP)
+    _truncate(tiny / "data/tiny/train/tr1004.png")
     line = run_stage(train, EXP, tiny, capsys)
-    assert "data/tiny/train/tr1004.png" in line and "cannot decode" in line
+    assert "row 14: data/tiny/train/tr1004.png: cannot decode" in line
 
 
 def test_unknown_backbone_suggests_close_names(tiny, capsys):

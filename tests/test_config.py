@@ -1,5 +1,6 @@
 """Config loading: merge, overrides, typed validation with one-line errors naming the key."""
 import pytest
+import yaml
 
 from conftest import write_yaml
 from pipeline.config import apply_overrides, config_hash, load_ensemble, load_experiment
@@ -84,3 +85,27 @@ def test_shared_override_list_serves_every_stage(tiny):
     assert load_experiment("configs/tiny/lenet5.yaml", sets).train.epochs == 3
     with pytest.raises(UserError, match="trian: unknown key"):
         load_competition("configs/tiny/competition.yaml", ["trian.epochs=3"])
+
+
+def test_a_copied_config_folder_must_not_keep_the_old_name(tiny, capsys):
+    import shutil
+    from pipeline import folds
+    shutil.copytree(tiny / "configs/tiny", tiny / "configs/tiny2")  # keeps `name: tiny`
+    with pytest.raises(SystemExit) as stop:
+        folds.main(["configs/tiny2/competition.yaml"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: configs/tiny2/competition.yaml: name: 'tiny' disagrees with its folder "
+        "configs/tiny2; remove `name` (it is the folder's name)")
+    assert not (tiny / "folds").exists()
+    comp = yaml.safe_load((tiny / "configs/tiny2/competition.yaml").read_text())
+    del comp["name"]
+    write_yaml(tiny / "configs/tiny2/competition.yaml", comp)
+    write_yaml(tiny / "configs/tiny2/lenet5.yaml", {"competition": "competition.yaml",
+                                                    "name": "tiny", "model": {"backbone": "x"}})
+    with pytest.raises(UserError, match="configs/tiny2/lenet5.yaml: name: 'tiny' disagrees"):
+        load_experiment("configs/tiny2/lenet5.yaml")
+    write_yaml(tiny / "configs/tiny2/lenet5.yaml", {"competition": "competition.yaml",
+                                                    "model": {"backbone": "lenet5"}})
+    cfg = load_experiment("configs/tiny2/lenet5.yaml")
+    assert cfg.name == "tiny2" and str(cfg.run_dir) == "runs/tiny2/lenet5"

@@ -159,3 +159,22 @@ def test_shared_storage_keeps_the_study_and_refuses_another_setup(tiny):
         ensemble.run(config(tiny, ["weak", "good"], storage=url))
     with pytest.raises(UserError, match="storage: optuna cannot open 'nonsense'"):
         ensemble.run(config(tiny, ["good", "weak"], storage="nonsense"))
+
+
+def test_headline_quotes_the_nested_cv_score_when_tuned_weights_are_used():
+    from pipeline.ensemble_report import headline
+    result = dict(metric="accuracy", choice="tuned", weights={"a": 0.7, "b": 0.3}, mode="mean",
+                  cv=0.95, nested_cv=0.91)
+    assert headline(result) == ("nested-CV accuracy 0.91000 with tuned weights a=0.700, b=0.300, "
+                                "mode mean (in-sample OOF 0.95000, optimistic)")
+    assert headline({**result, "nested_cv": None}).startswith("in-sample OOF accuracy 0.95000")
+    assert headline({**result, "choice": "equal", "cv": 0.9}).startswith("OOF accuracy 0.90000")
+
+
+def test_the_printed_headline_leads_with_nested_cv(tiny, capsys):
+    write_run("good", 2.0, 1)
+    write_run("weak", 0.5, 2)
+    result = ensemble.run(config(tiny, ["good", "weak"], fallback_to_equal=False))
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert result["choice"] == "tuned"
+    assert last.startswith(f"ensemble: nested-CV accuracy {result['nested_cv']:.5f} with tuned")

@@ -149,10 +149,9 @@ def test_skip_lists_missing_empty_and_corrupt_images(tiny, capsys):
 
 def test_error_mode_names_a_corrupt_file(tiny):
     _break(tiny, "tr2003.png", b"\x89PNG\r\n\x1a\n garbage")
-    from pipeline import folds
-    folds.main(["configs/tiny/competition.yaml"])
-    with pytest.raises(UserError, match="tr2003.png: cannot decode image"):
-        train.prepare(load_experiment("configs/tiny/lenet5.yaml"))
+    with pytest.raises(UserError, match="train.csv: row 21: data/tiny/train/tr2003.png: "
+                                        "cannot decode image"):  # before folds do any work
+        competition.load_competition_data(load_competition("configs/tiny/competition.yaml"))
 
 
 def test_error_mode_names_a_missing_file(tiny):

@@ -99,7 +99,7 @@ def test_two_runs_in_separate_folders_are_byte_identical(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("module", ["folds", "train", "predict", "ensemble", "submit", "demo",
-                                    "weights", "preview"])
+                                    "weights", "preview", "runs", "leaderboard"])
 def test_every_stage_has_help(module, capsys):
     mod = __import__(f"pipeline.{module}", fromlist=["main"])
     with pytest.raises(SystemExit) as exc:
