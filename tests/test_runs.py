@@ -79,7 +79,7 @@ def test_a_finished_fold_keeps_only_what_prediction_needs_and_records_provenance
     assert record["code_hash"] == provenance.code_hash()
     assert set(record["versions"]) == {"python", "torch", "timm", "albumentations", "optuna"}
     assert record["versions"]["torch"].split("+")[0] == __import__("torch").__version__.split("+")[0]
-    assert (record["device"], record["precision"]) == ("cpu", "fp32")
+    assert (record["device"], record["precision"], record["processes"]) == ("cpu (CPU)", "fp32", 1)
     assert set(record["fold_seconds"]) == {"0", "1"} and all(
         s > 0 for s in record["fold_seconds"].values())
 
