@@ -1,9 +1,10 @@
 """Stage 2: train one experiment on every fold -> runs/<comp>/<exp>/{fold<k>/, oof.csv, scores.json}.
 
 Per fold: best checkpoint by the competition metric (`best.safetensors`), a last checkpoint
-for resume (`last.pt`), a per-epoch log (`log.csv`) and the fold's OOF rows (`oof.csv`).
-`--fold K` (repeatable) trains only those folds, e.g. one per machine or terminal; the run's
-oof.csv and scores.json are written once every fold is done.
+for resume (`last.pt`, removed once the fold is done), a per-epoch log (`log.csv`) and the
+fold's OOF rows (`oof.csv`). `--fold K` (repeatable) trains only those folds, e.g. one per
+machine or terminal; the run's oof.csv and scores.json are written once every fold is done.
+Runs where `device` says; under `torchrun` on several processes (pipeline.device).
 """
 from __future__ import annotations
 
