@@ -293,7 +293,6 @@ def train_fold(s: Setup, fold: int, fold_dir: Path, stop_after_epochs: int | Non
     optimizer = torch.optim.AdamW(finetune.param_groups(model, groups, lrs, tc.weight_decay))
     ema = ModelEmaV3(model, decay=tc.ema_decay) if tc.ema_decay else None
     scaler = rt.grad_scaler()
-    compiled = torch.compile(model) if tc.compile else model
     mix = make_mixer(cfg, len(s.comp.classes))
     train_ds = train_dataset(s, fold, train_rows)
     y_val = s.labels[val_rows]
@@ -324,7 +323,9 @@ def train_fold(s: Setup, fold: int, fold_dir: Path, stop_after_epochs: int | Non
                 break
             frozen = finetune.apply_freeze(model, groups, stage.trainable)
             if wrapped_for != stage.trainable:  # DDP syncs only what trains when it is built
-                trained, wrapped_for = rt.wrap(compiled), stage.trainable
+                trained, wrapped_for = rt.wrap(model), stage.trainable
+                if tc.compile:  # after DDP, which then splits graphs at its buckets (as timm)
+                    trained = torch.compile(trained)
             total, warmup = stage.epochs * n_steps, int(cfg.finetune.warmup_epochs * n_steps)
             epoch = state["epoch"]
             global_epoch = sum(st.epochs for st in plan[:si]) + epoch
@@ -342,7 +343,7 @@ def train_fold(s: Setup, fold: int, fold_dir: Path, stop_after_epochs: int | Non
                                           ema, mix, state, desc, scaler, trained)
             train_seconds = time.perf_counter() - started
             weights = ema.module if ema is not None else model
-            proba = predict_proba(s, ema.module if ema is not None else compiled, val_rows)
+            proba = predict_proba(s, weights, val_rows)
             val_score = metrics.score(cfg.metric, y_val, proba)
             images = len(loader) * tc.batch_size * rt.world.size
             log.append(dict(epoch=global_epoch, stage=si, stage_epoch=epoch,
