@@ -18,6 +18,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from pipeline.artifacts import atomic_path, write_csv
+from pipeline.ensemble_report import headline
 from pipeline.errors import UserError, cli
 
 ROOT = Path("data/digits")
@@ -67,7 +68,7 @@ def report(comp: str = "digits") -> None:
     weights = json.loads((Path("runs") / comp / "ensemble" / "weights.json").read_text())
     submission = Path("submissions") / f"{comp}.csv"
     acc = held_out_accuracy(submission, ROOT / "solution.csv")
-    print(f"CV {weights['metric']} of the ensemble: {weights['cv']:.4f}")
+    print(f"ensemble: {headline(weights)}")
     for name, cv in weights["single_cv"].items():
         print(f"  {name}: CV {cv:.4f}")
     print(f"held-out accuracy: {acc:.4f}")
