@@ -32,6 +32,7 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field",
           "immunohistochemistry", "retina", "colorwheel")
 MODELS = ("resnet50", "efficientnet_b0")
 ROOT = Path("data/photos")
+CONFIGS = Path("cache/bench/photos")  # generated, git-ignored; the folder names the competition
 
 
 def build_photos(root: Path, n_images: int, side: int, seed: int = 0) -> None:
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     gpu = resolve_device(args.device).type == "cuda"
     size, batch, n_images = (224, 128, 2048) if gpu else (32, 8, 32)
     build_photos(ROOT, n_images, int(size / 0.875))
-    configs = write_configs(Path("configs/photos"), size, batch, args.device)
+    configs = write_configs(CONFIGS, size, batch, args.device)
     folds.main([str(configs[0].parent / "competition.yaml")])
     print(f"Device check: {n_images} photos, {size} px, heavy preset, channels_last, "
           f"precision auto; ratio = training stage / the step on random batches on the device "
