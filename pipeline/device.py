@@ -176,9 +176,11 @@ class Runtime:
 
     @staticmethod
     def no_sync(model: torch.nn.Module, skip: bool) -> contextlib.AbstractContextManager:
-        """Skip the gradient all-reduce on accumulation micro-steps but the last."""
-        if skip and isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            return model.no_sync()
+        """Skip the gradient all-reduce on accumulation micro-steps but the last (`model` may
+        be DDP, or DDP under torch.compile)."""
+        ddp = getattr(model, "_orig_mod", model)
+        if skip and isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+            return ddp.no_sync()
         return contextlib.nullcontext()
 
 
