@@ -1,6 +1,7 @@
 """Pure blending logic: simplex weights, blend modes, seeded optuna weight search, nested CV.
 
-Arrays are (models, rows, classes). Everything is vectorised: each mode's per-model transform
+Arrays are (models, rows, columns): class probabilities (rows summing to 1), label
+probabilities, or values (one column); only the first are renormalised per row. Everything is vectorised: each mode's per-model transform
 (log-probabilities, rank quantiles) is computed once, so an optuna trial costs one tensordot
 and one metric call, never a Python loop over rows.
 """
@@ -57,8 +58,15 @@ def transform(probas: np.ndarray, mode: str, folds: np.ndarray | None = None) ->
     return out
 
 
-def combine(transformed: np.ndarray, weights: np.ndarray, mode: str) -> np.ndarray:
-    """Weighted mean over models of `transform(probas, mode)` -> rows that sum to 1.
+def is_simplex(probas: np.ndarray) -> bool:
+    """Whether predictions are class probabilities: several columns, every row summing to 1."""
+    return probas.shape[-1] > 1 and bool(np.allclose(probas.sum(-1), 1.0))
+
+
+def combine(transformed: np.ndarray, weights: np.ndarray, mode: str,
+            simplex: bool = True) -> np.ndarray:
+    """Weighted mean over models of `transform(probas, mode)` -> rows that sum to 1 (class
+    probabilities; other predictions are not renormalised).
 
     Geometric: exp of the mean log-probability, renormalised (the log-probabilities lie in
     [log EPS, 0] and the weights sum to 1, so exp cannot overflow or underflow). Rank: mean rank
@@ -69,14 +77,14 @@ def combine(transformed: np.ndarray, weights: np.ndarray, mode: str) -> np.ndarr
     out = np.einsum("m,mnk->nk", np.asarray(weights, dtype=np.float64), transformed)
     if mode == "geometric":
         out = np.exp(out)
-    return out / out.sum(axis=1, keepdims=True)
+    return out / out.sum(axis=1, keepdims=True) if simplex else out
 
 
 def blend(probas: np.ndarray, weights: np.ndarray, mode: str,
           folds: np.ndarray | None = None) -> np.ndarray:
     """(M, N, K) probabilities and M weights -> (N, K) blended probabilities (see `transform`
     for `folds`)."""
-    return combine(transform(probas, mode, folds), weights, mode)
+    return combine(transform(probas, mode, folds), weights, mode, is_simplex(probas))
 
 
 def blend_by_fold(probas: np.ndarray, folds: np.ndarray, weights: dict, modes: dict) -> np.ndarray:
@@ -120,6 +128,7 @@ def tune(probas: np.ndarray, y: np.ndarray, metric: str, trials: int, modes: tup
     """
     m = probas.shape[0]
     transformed = {mode: transform(probas, mode, folds) for mode in modes}
+    simplex = is_simplex(probas)
 
     def objective(trial: optuna.Trial) -> float:
         u = np.array([trial.suggest_float(f"u{i}", U_LOW, 1.0) for i in range(m)])
@@ -127,7 +136,7 @@ def tune(probas: np.ndarray, y: np.ndarray, metric: str, trials: int, modes: tup
         w = simplex_weights(u)
         trial.set_user_attr("weights", w.tolist())
         trial.set_user_attr("mode", mode)
-        return metrics.score(metric, y, combine(transformed[mode], w, mode))
+        return metrics.score(metric, y, combine(transformed[mode], w, mode, simplex))
 
     equal = {f"u{i}": float(np.exp(-1.0)) for i in range(m)}
     study.enqueue_trial(equal | ({"mode": modes[0]} if len(modes) > 1 else {}),

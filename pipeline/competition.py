@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline import tasks
 from pipeline.config import CompetitionConfig
 from pipeline.errors import UserError
 from pipeline.images import undecodable
@@ -18,8 +19,10 @@ from pipeline.images import undecodable
 class SubmissionFormat:
     """What sample_submission.csv asks for.
 
-    kind: `label` (one class name per row), `proba` (a column per class) or
-    `binary_proba` (one column: the probability of `positive_class`).
+    kind: `label` (one class name or grade per row), `proba` (a column per class),
+    `binary_proba` (one column: the probability of `positive_class`), `labels` (the predicted
+    labels joined by the separator in one column), `columns` (a column per label: probabilities,
+    or 0/1 when `binary_columns`) or `value` (one number per row).
     """
 
     id_column: str
@@ -27,19 +30,21 @@ class SubmissionFormat:
     columns: tuple[str, ...]
     ids: tuple[str, ...]
     positive_class: str | None = None
+    binary_columns: bool = False
 
 
 @dataclass(frozen=True)
 class Competition:
     train: pd.DataFrame  # columns: id, target, [group], path
     test: pd.DataFrame  # columns: id, path; sample_submission's order
-    classes: tuple[str, ...]
+    classes: tuple[str, ...]  # the prediction columns: classes, labels, or the target's name
     submission: SubmissionFormat
+    task: tasks.Task
+    y: np.ndarray  # targets: class index, N x L 0/1 labels, or values (pipeline.tasks)
     skipped: tuple[str, ...] = ()
 
-    def target_index(self) -> np.ndarray:
-        lookup = {c: i for i, c in enumerate(self.classes)}
-        return self.train["target"].map(lookup).to_numpy(dtype=np.int64)
+    def targets(self) -> np.ndarray:
+        return self.y
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -49,17 +54,6 @@ def read_table(path: Path) -> pd.DataFrame:
         return pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: cannot parse as CSV ({str(err).splitlines()[0]})") from None
-
-
-def _class_sort_key(name: str):
-    try:
-        return (0, float(name), name)
-    except ValueError:
-        return (1, 0.0, name)
-
-
-def sorted_classes(values) -> list[str]:
-    return sorted(set(values), key=_class_sort_key)
 
 
 def _require_columns(df: pd.DataFrame, columns: list[str], path: Path, key: str) -> None:
@@ -141,13 +135,47 @@ def find_images(ids: pd.Series, folder: Path, suffix: str, table: Path,
     return _attach_paths(ids, ImageIndex(folder, suffix), table, "error", cache_dir)[0]
 
 
+def _value_format(sample: pd.DataFrame, classes: list[str], cfg: CompetitionConfig,
+                  path: Path) -> SubmissionFormat:
+    """Multilabel, regression and ordinal formats (see SubmissionFormat)."""
+    cols = list(sample.columns)
+    value_cols, kind = cols[1:], cfg.submission.format
+    if kind == "auto":
+        kind = {"regression": "value", "ordinal": "label"}.get(cfg.task)
+        if kind is None:
+            kind = "labels" if len(value_cols) == 1 and not set(classes) <= set(value_cols) \
+                else "columns"
+    allowed = {"multilabel": ("labels", "columns"), "regression": ("value",),
+               "ordinal": ("label", "value")}[cfg.task]
+    if kind not in allowed:
+        raise UserError(f"submission.format: {kind} does not fit task {cfg.task}; use one of "
+                        f"{list(allowed)}")
+    binary = False
+    if kind == "columns":
+        missing = [c for c in classes if c not in value_cols]
+        if missing:
+            raise UserError(f"{path}: no column for label {missing[0]!r}; columns are {cols}")
+        numbers = sample[value_cols].apply(pd.to_numeric, errors="coerce")
+        binary = bool(numbers.isin([0, 1]).all().all()) and \
+            all(set(sample[c]) <= {"0", "1"} for c in value_cols)
+    elif len(value_cols) != 1:
+        raise UserError(f"{path}: submission.format={kind} needs exactly two columns; got {cols}")
+    return SubmissionFormat(cols[0], kind, tuple(value_cols), tuple(sample[cols[0]]),
+                            binary_columns=binary)
+
+
 def infer_submission_format(sample: pd.DataFrame, classes: list[str], cfg: CompetitionConfig,
                             path: Path) -> SubmissionFormat:
     cols = list(sample.columns)
     if len(cols) < 2:
         raise UserError(f"{path}: needs an id column and at least one value column; got {cols}")
+    if cfg.task in ("multilabel", "regression", "ordinal"):
+        return _value_format(sample, classes, cfg, path)
     value_cols = cols[1:]
     kind = cfg.submission.format
+    if kind not in ("auto", "label", "proba", "binary_proba"):
+        raise UserError(f"submission.format: {kind} does not fit task {cfg.task}; use label, "
+                        f"proba or binary_proba")
     if kind == "auto":
         if len(value_cols) >= 2:
             kind = "proba"
@@ -183,11 +211,49 @@ def _looks_fractional(values: pd.Series) -> bool:
     return bool(numbers.notna().all() and ((numbers % 1) != 0).any())
 
 
+def label_columns(train: pd.DataFrame, cfg: CompetitionConfig, path: Path) -> list[str] | None:
+    """Multilabel targets' 0/1 columns (`data.target_columns`, or those named with
+    `data.target_prefix`), or None when the labels are in one separated column."""
+    d = cfg.data
+    if d.target_columns is None and d.target_prefix is None:
+        return None
+    if cfg.task != "multilabel":
+        raise UserError(f"data.target_columns / data.target_prefix: only for task multilabel")
+    if d.target_columns is not None:
+        _require_columns(train, d.target_columns, path, "data.target_columns")
+        return list(d.target_columns)
+    found = [c for c in train.columns if c.startswith(d.target_prefix)]
+    if not found:
+        raise UserError(f"{path}: no column starts with {d.target_prefix!r} (data.target_prefix)")
+    return found
+
+
+def join_label_columns(train: pd.DataFrame, columns: list[str], cfg: CompetitionConfig,
+                       path: Path) -> pd.Series:
+    """0/1 label columns -> one column of the labels present, joined by the separator."""
+    prefix = cfg.data.target_prefix if cfg.data.target_columns is None else ""
+    names = [c[len(prefix):] for c in columns]
+    values = train[columns].apply(lambda col: col.str.strip())
+    for col in columns:
+        bad = ~values[col].isin(["0", "1", "0.0", "1.0"])
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise UserError(f"{path}: row {row + 2}: column {col!r} holds {values[col].iloc[row]!r}"
+                            f", not 0 or 1")
+    on = values.isin(["1", "1.0"]).to_numpy()
+    sep = cfg.data.label_separator
+    return pd.Series([sep.join(n for n, hit in zip(names, r) if hit) for r in on], index=train.index)
+
+
 def load_competition_data(cfg: CompetitionConfig) -> Competition:
     """Read and validate everything the pipeline needs from the competition folder."""
     d = cfg.data
     train_path = d.path("train_csv")
     train = read_table(train_path)
+    label_cols = label_columns(train, cfg, train_path)
+    if label_cols is not None:
+        train = train.assign(**{d.target_column: join_label_columns(train, label_cols, cfg,
+                                                                   train_path)})
     columns = {"id": d.id_column, "target": d.target_column}
     if d.group_column:
         columns["group"] = d.group_column
@@ -199,7 +265,9 @@ def load_competition_data(cfg: CompetitionConfig) -> Competition:
     train["id"] = train["id"].str.strip()
     train["target"] = train["target"].str.strip()
     _check_unique(train["id"], train_path)
-    empty = (train["target"] == "") | train["target"].str.lower().isin(["nan", "none", "null"])
+    empty = train["target"].str.lower().isin(["nan", "none", "null"])
+    if cfg.task != "multilabel":  # an empty label set is a multilabel row's "no label"
+        empty |= train["target"] == ""
     if empty.any():
         row = int(np.flatnonzero(empty.to_numpy())[0])
         raise UserError(f"{train_path}: row {row + 2}: empty target for id {train['id'].iloc[row]!r}")
@@ -209,11 +277,15 @@ def load_competition_data(cfg: CompetitionConfig) -> Competition:
     if sample.empty:
         raise UserError(f"{sample_path}: has no rows")
     _check_unique(sample[sample.columns[0]], sample_path)
-    train_classes = sorted_classes(train["target"])
+    train_classes = tasks.label_set(train, cfg)
+    if cfg.task == "multilabel" and label_cols is not None:
+        prefix = d.target_prefix if d.target_columns is None else ""
+        train_classes = [c[len(prefix):] for c in label_cols]
+    if cfg.task == "multilabel" and not train_classes:
+        raise UserError(f"{train_path}: no row has a label in {d.target_column}")
     fmt = infer_submission_format(sample, train_classes, cfg, sample_path)
     classes = list(fmt.columns) if fmt.kind == "proba" else train_classes
-    if cfg.task == "binary" and len(classes) != 2:
-        raise UserError(f"task: binary needs 2 classes, {train_path} has {len(classes)}")
+    task = tasks.build(cfg, train, classes)
 
     train_paths, bad = _attach_paths(train["id"], ImageIndex(d.path("train_images"), d.image_suffix),
                                      train_path, d.on_bad_image, d.cache_dir)
@@ -225,4 +297,5 @@ def load_competition_data(cfg: CompetitionConfig) -> Competition:
         for line in bad:
             print(f"warning: skipped {line}", file=sys.stderr)
         train = train[train["path"].notna()].reset_index(drop=True)
-    return Competition(train, test, tuple(classes), fmt, tuple(bad))
+    y = task.targets(train["target"], train_path)
+    return Competition(train, test, tuple(task.columns), fmt, task, y, tuple(bad))

@@ -15,7 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pipeline.artifacts import text_hash
 from pipeline.errors import UserError
 
-Metric = Literal["accuracy", "log_loss", "macro_f1", "roc_auc", "qwk"]
+MetricName = Literal["accuracy", "log_loss", "roc_auc", "macro_f1", "micro_f1", "samples_f1",
+                     "mean_f1", "rmse", "mae", "r2", "qwk"]
+TaskKind = Literal["multiclass", "binary", "multilabel", "regression", "ordinal"]
 ViewSet = Literal["none", "hflip", "five_crop", "ten_crop", "dihedral8"]
 
 
@@ -31,6 +33,9 @@ class DataConfig(Strict):
     sample_submission: str = "sample_submission.csv"
     id_column: str = "id"
     target_column: str = "label"
+    target_columns: list[str] | None = Field(None, min_length=1)  # multilabel: a 0/1 column each
+    target_prefix: str | None = Field(None, min_length=1)  # multilabel: the 0/1 columns' prefix
+    label_separator: str = Field(" ", min_length=1)  # multilabel: between labels in one column
     group_column: str | None = None
     image_suffix: str = ""
     channels: Literal[1, 3] = 3
@@ -47,19 +52,29 @@ class FoldsConfig(Strict):
 
 
 class SubmissionConfig(Strict):
-    format: Literal["auto", "label", "proba", "binary_proba"] = "auto"
+    format: Literal["auto", "label", "proba", "binary_proba", "labels", "columns",
+                    "value"] = "auto"
     positive_class: str | None = None
 
 
 Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")]
 
 
+class UserMetric(Strict):
+    """A metric function in a file of the competition's config folder, called as
+    `function(ids, truth, predictions)` (see pipeline.metrics)."""
+
+    file: str
+    function: str
+    direction: Literal["maximize", "minimize"]
+
+
 class CompetitionConfig(Strict):
     name: str
     data: DataConfig
     device: Device = "auto"  # where tensors run; not part of a run's identity (pipeline.device)
-    task: Literal["multiclass", "binary"] = "multiclass"
-    metric: Metric = "accuracy"
+    task: TaskKind = "multiclass"
+    metric: Union[MetricName, UserMetric] = "accuracy"
     folds: FoldsConfig = FoldsConfig()
     image_size: int = Field(224, ge=8)
     seed: int = 42
@@ -101,6 +116,9 @@ class TrainConfig(Strict):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    loss: Literal["auto", "mse", "huber", "bce"] = "auto"  # regression / ordinal; auto: mse
+    class_weights: Literal["none", "balanced"] = "none"  # multiclass cross-entropy weights
+    pos_weight: Literal["none", "balanced"] = "none"  # BCE positive weights (binary, multilabel)
     grad_clip: float | None = Field(5.0, gt=0)
     ema_decay: float | None = Field(None, gt=0, lt=1)
     patience: int | None = Field(None, ge=1)
@@ -236,9 +254,41 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+METRICS_OF = {
+    "multiclass": {"accuracy", "log_loss", "roc_auc", "macro_f1", "micro_f1", "qwk"},
+    "multilabel": {"log_loss", "roc_auc", "macro_f1", "micro_f1", "samples_f1", "mean_f1"},
+    "regression": {"rmse", "mae", "r2", "qwk"},
+    "ordinal": {"rmse", "mae", "r2", "qwk", "accuracy"},
+}
+METRICS_OF["binary"] = METRICS_OF["multiclass"]
+
+
+def _check_task(cfg: CompetitionConfig, source: Path) -> None:
+    """The metric fits the task; a user metric's file and function exist (nothing evaluated)."""
+    if isinstance(cfg.metric, UserMetric):
+        from pipeline.metrics import load_user_metric
+
+        if not Path(cfg.metric.file).is_absolute():  # relative to the config's folder
+            cfg.metric = cfg.metric.model_copy(
+                update={"file": str(source.parent / cfg.metric.file)})
+        load_user_metric(cfg.metric)
+    elif cfg.metric not in METRICS_OF[cfg.task]:
+        raise UserError(f"{source}: metric: {cfg.metric} does not fit task {cfg.task}; use one "
+                        f"of {sorted(METRICS_OF[cfg.task])}")
+    merge = getattr(getattr(cfg, "tta", None), "merge", "mean")
+    if merge == "geometric" and cfg.task in ("regression", "ordinal"):
+        raise UserError(f"{source}: tta.merge: geometric needs probabilities; task {cfg.task} "
+                        f"predicts values (use mean)")
+    if getattr(cfg, "mode", "mean") == "geometric" and cfg.task in ("regression", "ordinal"):
+        raise UserError(f"{source}: mode: geometric needs probabilities; task {cfg.task} "
+                        f"predicts values (use mean or rank)")
+
+
 def _validate(cls: type[BaseModel], data: dict, source: Path):
     try:
-        return cls.model_validate(data)
+        cfg = cls.model_validate(data)
+        _check_task(cfg, source)
+        return cfg
     except ValidationError as err:
         first = err.errors()[0]
         key = ".".join(str(p) for p in first["loc"]) or "(top level)"

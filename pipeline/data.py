@@ -69,7 +69,7 @@ def batch_transform(compose: A.Compose | None) -> BatchTransform | None:
 
 
 class CachedImages(Dataset):
-    """Rows of a cached N x H x W x C uint8 array -> (N x C x h x w batch, int64 labels).
+    """Rows of a cached N x H x W x C uint8 array -> (N x C x h x w batch, labels in their own dtype).
 
     `transform` is an albumentations Compose (or None for the whole cached image). Batches
     are uint8, or float32 in [0, 255] when a batched transform could not keep uint8 (see
@@ -80,7 +80,7 @@ class CachedImages(Dataset):
                  transform: A.Compose | None = None, seed: int = 0, defer: bool = False):
         # a plain view of a memory map: indexing a np.memmap costs a subclass round trip
         self.images, self.rows = np.asarray(images), np.asarray(rows, dtype=np.int64)
-        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+        self.labels = None if labels is None else np.asarray(labels)
         self.augment = batch_transform(transform)
         self.seed, self.epoch = seed, 0
         self._plans: dict[int, Plan] = {}

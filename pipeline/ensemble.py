@@ -32,7 +32,7 @@ import optuna
 import pandas as pd
 import sqlalchemy.exc
 
-from pipeline import blend, metrics
+from pipeline import blend, metrics, thresholds
 from pipeline.ensemble_report import headline, plot_folds, plot_history, render_report
 from pipeline.artifacts import atomic_path, write_csv, write_json, write_text
 from pipeline.competition import load_competition_data
@@ -124,7 +124,7 @@ def targets(member: Member, train: pd.DataFrame, y_train: np.ndarray) -> np.ndar
 def open_study(cfg: EnsembleConfig, experiments: list[str], modes: tuple[str, ...]) -> optuna.Study:
     """The study to tune: a fresh seeded one in memory, or the one named `<comp>-<ensemble>` in
     `cfg.storage` (refused when it was tuned for another metric, experiments or modes)."""
-    setup = dict(metric=cfg.metric, experiments=experiments, modes=list(modes))
+    setup = dict(metric=metrics.name(cfg.metric), experiments=experiments, modes=list(modes))
     if cfg.storage:
         name = f"{cfg.name}-{cfg.experiment}"
         try:
@@ -180,11 +180,12 @@ def decide(cfg: EnsembleConfig, nested: float | None, equal: float) -> tuple[str
 class Inputs:
     names: list[str]
     classes: list[str]
-    y: np.ndarray  # (N,) class index of each OOF row
+    y: np.ndarray  # targets of the OOF rows (pipeline.tasks)
     folds: np.ndarray  # (N,) fold of each OOF row
     oof: np.ndarray  # (M, N, K) OOF probabilities
     test: np.ndarray  # (M, T, K) test probabilities
     test_ids: np.ndarray  # (T,)
+    task: object  # pipeline.tasks.Task
 
 
 def load_inputs(cfg: EnsembleConfig) -> Inputs:
@@ -194,16 +195,18 @@ def load_inputs(cfg: EnsembleConfig) -> Inputs:
     classes = list(comp.classes)
     members = align([load_member(Path("runs") / cfg.name / e) for e in cfg.experiments], classes)
     return Inputs([m.name for m in members], classes,
-                  targets(members[0], comp.train, comp.target_index()),
+                  targets(members[0], comp.train, comp.targets()),
                   members[0].oof["fold"].to_numpy(),
                   np.stack([m.oof[classes].to_numpy(np.float64) for m in members]),
                   np.stack([m.test[classes].to_numpy(np.float64) for m in members]),
-                  members[0].test["id"].to_numpy())
+                  members[0].test["id"].to_numpy(), comp.task)
 
 
 def blend_modes(cfg: EnsembleConfig) -> tuple[str, ...]:
     """The modes to search; with `mode: tune` the first (mean) is also the equal-weight one."""
-    return blend.MODES if cfg.mode == "tune" else (cfg.mode,)
+    if cfg.mode != "tune":
+        return (cfg.mode,)
+    return blend.MODES if cfg.task in ("multiclass", "binary", "multilabel") else ("mean", "rank")
 
 
 def evaluate(cfg: EnsembleConfig, data: Inputs, study: optuna.Study) -> dict:
@@ -231,7 +234,7 @@ def evaluate(cfg: EnsembleConfig, data: Inputs, study: optuna.Study) -> dict:
     if nested:
         per_fold["nested-CV tuned"] = nested.per_fold
     return dict(
-        metric=metric, experiments=data.names, choice=choice, decision=decision,
+        metric=metrics.name(metric), experiments=data.names, choice=choice, decision=decision,
         weights=named(weights), mode=mode,
         cv=metrics.score(metric, y, blend.blend(oof, weights, mode, folds)),
         tuned_weights=named(tuned.weights), tuned_mode=tuned.mode,
@@ -239,7 +242,41 @@ def evaluate(cfg: EnsembleConfig, data: Inputs, study: optuna.Study) -> dict:
         equal_weights_cv=equal_cv, single_cv=single, best_single=metrics.best_key(metric, single),
         nested_fold_weights={f: named(w) for f, w in nested.weights.items()} if nested else {},
         nested_fold_modes=nested.modes if nested else {},
-        per_fold=per_fold, trials=len(study.trials))
+        per_fold=per_fold, trials=len(study.trials),
+        **decision_thresholds(cfg, data, blend.blend(oof, weights, mode, folds)))
+
+
+def decision_thresholds(cfg: EnsembleConfig, data: Inputs, blended: np.ndarray) -> dict:
+    """Thresholds for the metric's decisions on the chosen blend's OOF, where it needs them:
+    the default, tuned in sample, and tuned under nested CV (each fold's rows decided by
+    thresholds tuned on the other folds). The tuned ones are used only when their nested-CV
+    score beats the default's. Plus the per-label or per-grade scores of the blend."""
+    task, y, metric = data.task, data.y, cfg.metric
+    out = dict(per_column=per_column_scores(task, y, blended))
+    which = thresholds.kind(metric, task)
+    if which is None:
+        return dict(out, thresholds=None)
+    default = thresholds.default(which, task)
+    tuned = thresholds.fit(which, metric, y, blended, task)
+    nested, per_fold = thresholds.nested(which, metric, y, blended, data.folds, task)
+    default_cv = metrics.score(metric, y, blended, default)
+    use = tuned if metrics.better(metric, nested, default_cv) else None
+    return dict(out, thresholds=thresholds.to_json(which, use), threshold_scores=dict(
+        kind=which, default=default_cv, in_sample=metrics.score(metric, y, blended, tuned),
+        nested=nested, nested_per_fold=per_fold, used="tuned" if use is not None else "default",
+        tuned=thresholds.to_json(which, tuned)))
+
+
+def per_column_scores(task, y: np.ndarray, pred: np.ndarray) -> dict:
+    """{label: OOF ROC-AUC} (multi-label) or {grade: OOF mean absolute error} (ordinal); {}
+    for the other tasks."""
+    if task.kind == "multilabel":
+        return {c: metrics.score("roc_auc", y[:, [j]], pred[:, [j]])
+                for j, c in enumerate(task.columns) if 0 < y[:, j].sum() < len(y)}
+    if task.kind == "ordinal":
+        return {str(g): float(np.abs(pred[y == g, 0] - g).mean()) for g in task.grades
+                if (y == g).any()}
+    return {}
 
 
 def run(cfg: EnsembleConfig) -> dict:
@@ -256,8 +293,8 @@ def run(cfg: EnsembleConfig) -> dict:
     blended.insert(0, "id", data.test_ids)
     write_csv(blended, run_dir / "test.csv")
     write_json(result, run_dir / "weights.json")
-    plot_history(study, cfg.metric, run_dir / "history.png")
-    plot_folds(result["per_fold"], cfg.metric, run_dir / "folds.png")
+    plot_history(study, metrics.name(cfg.metric), run_dir / "history.png")
+    plot_folds(result["per_fold"], metrics.name(cfg.metric), run_dir / "folds.png")
     write_text(render_report(result, cfg), run_dir / "report.md")
     print(f"ensemble: {headline(result)}; report {run_dir / 'report.md'}", file=sys.stderr)
     return result

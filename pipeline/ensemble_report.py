@@ -19,7 +19,7 @@ def plot_history(study: optuna.Study, metric: str, path: Path) -> None:
     for mode in dict.fromkeys(t.user_attrs["mode"] for t in trials):
         pts = [(t.number, t.value) for t in trials if t.user_attrs["mode"] == mode]
         ax.scatter(*zip(*pts), s=10, alpha=0.6, label=f"trial ({mode})")
-    best = np.maximum.accumulate if metrics.HIGHER_IS_BETTER[metric] else np.minimum.accumulate
+    best = np.maximum.accumulate if metrics.higher_is_better(metric) else np.minimum.accumulate
     ax.step([t.number for t in trials], best([t.value for t in trials]), where="post",
             color="black", label="best so far")
     ax.set(xlabel="trial", ylabel=f"OOF {metric}", title="optimisation history")
@@ -77,6 +77,26 @@ def headline(result: dict) -> str:
     return f"OOF {metric} {result['cv']:.5f} with {used}"
 
 
+def threshold_lines(result: dict) -> list[str]:
+    """Markdown: the decision thresholds (default, in-sample tuned, nested-CV tuned) and the
+    blend's per-label or per-grade scores, where they exist."""
+    lines = []
+    th = result.get("threshold_scores")
+    if th:
+        lines += ["## Decision thresholds", "",
+                  f"| thresholds ({th['kind']}) | {result['metric']} |", "| --- | --- |",
+                  f"| default (0.5 / rounding) | {th['default']:.5f} |",
+                  f"| tuned in sample (optimistic) | {th['in_sample']:.5f} |",
+                  f"| tuned under nested CV | {th['nested']:.5f} |", "",
+                  f"Used: {th['used']} thresholds (tuned: {th['tuned']}).", ""]
+    if result.get("per_column"):
+        lines += ["## Per label / grade (OOF of the blend)", "",
+                  "| column | score |", "| --- | --- |",
+                  *[f"| {c} | {v:.4f} |" for c, v in result["per_column"].items()], "",
+                  "Labels: ROC-AUC; grades: mean absolute error of the predicted grade value.", ""]
+    return lines
+
+
 def render_report(result: dict, cfg: EnsembleConfig) -> str:
     names = result["experiments"]
     nested = result["nested_fold_weights"]
@@ -95,6 +115,7 @@ def render_report(result: dict, cfg: EnsembleConfig) -> str:
         f"Metric: {result['metric']} ({metrics.direction(result['metric'])}); "
         f"{cfg.trials} optuna trials ({sampler}), mode `{cfg.mode}`.", "",
         score_table(result), "",
+        *threshold_lines(result),
         f"**Used: {result['choice']} weights, mode `{result['mode']}`, OOF {result['metric']} "
         f"{result['cv']:.5f}.** {result['decision']}", "",
         "## Weights", "",

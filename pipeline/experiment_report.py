@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
 from pipeline.artifacts import atomic_path, write_text
 
@@ -30,8 +30,8 @@ class OOF:
     """Out-of-fold predictions in train-table order, with what the plots need."""
 
     classes: list[str]
-    y: np.ndarray  # (N,) class index
-    proba: np.ndarray  # (N, K)
+    y: np.ndarray  # (N,) class index, (N, L) 0/1 labels, or (N,) values
+    proba: np.ndarray  # (N, K) probabilities, or (N, 1) values
     folds: np.ndarray  # (N,)
     images: np.ndarray  # (N, side, side, C) uint8 cache rows, for the gallery
 
@@ -189,10 +189,45 @@ def classification_sections(oof: OOF, ids: list[str], run_dir: Path, gallery: in
     return lines
 
 
-# Each task kind's part of the report; regression would add scatter and residual plots here.
+def multilabel_sections(oof: OOF, ids: list[str], run_dir: Path, gallery: int) -> list[str]:
+    """Per label: precision, recall and F1 at 0.5, ROC-AUC, positives."""
+    hard = (oof.proba >= 0.5).astype(np.int64)
+    y = oof.y.astype(np.int64)
+    p, r, f, n = precision_recall_fscore_support(y, hard, zero_division=0)
+    lines = ["## Per label (OOF, threshold 0.5)", "",
+             "| label | precision | recall | F1 | ROC-AUC | positives |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for j, c in enumerate(oof.classes):
+        both = 0 < y[:, j].sum() < len(y)
+        auc = f"{roc_auc_score(y[:, j], oof.proba[:, j]):.3f}" if both else "-"
+        lines.append(f"| {c} | {p[j]:.3f} | {r[j]:.3f} | {f[j]:.3f} | {auc} | {n[j]} |")
+    return lines + [""]
+
+
+def value_sections(oof: OOF, ids: list[str], run_dir: Path, gallery: int) -> list[str]:
+    """Predicted against true values, and the residuals' distribution."""
+    pred, y = oof.proba[:, 0], oof.y.astype(np.float64)
+    fig = Figure(figsize=(9, 4))
+    scatter, hist = fig.subplots(1, 2)
+    scatter.scatter(y, pred, s=6, alpha=0.5)
+    lo, hi = min(y.min(), pred.min()), max(y.max(), pred.max())
+    scatter.plot([lo, hi], [lo, hi], "k--", lw=1)
+    scatter.set(xlabel="true", ylabel="predicted", title="OOF predicted vs true")
+    hist.hist(pred - y, bins=30)
+    hist.set(xlabel="predicted - true", ylabel="rows", title="OOF residuals")
+    save_png(fig, run_dir / "residuals.png")
+    rmse, mae = float(np.sqrt(np.mean((pred - y) ** 2))), float(np.mean(np.abs(pred - y)))
+    return ["## Predicted vs true (OOF)", "", f"RMSE {rmse:.4f}, MAE {mae:.4f}.", "",
+            "![predicted vs true and residuals](residuals.png)", ""]
+
+
+# Each task kind's part of the report.
 SECTIONS: dict[str, Callable[[OOF, list[str], Path, int], list[str]]] = {
     "multiclass": classification_sections,
     "binary": classification_sections,
+    "multilabel": multilabel_sections,
+    "regression": value_sections,
+    "ordinal": value_sections,
 }
 
 

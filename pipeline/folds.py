@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 from sklearn.model_selection import KFold, StratifiedGroupKFold, StratifiedKFold, GroupKFold
 
 from pipeline.artifacts import write_csv
@@ -22,10 +23,53 @@ def choose_method(method: str, has_groups: bool) -> str:
     return method
 
 
+def value_bins(values: np.ndarray, n_splits: int) -> np.ndarray:
+    """Quantile bins of numeric targets to stratify on: as many as leave n_splits rows each
+    (at most 10)."""
+    n_bins = int(max(1, min(10, len(values) // (2 * n_splits))))
+    edges = np.unique(np.quantile(values, np.linspace(0, 1, n_bins + 1)[1:-1]))
+    return np.searchsorted(edges, values, side="right")
+
+
+def multilabel_folds(targets: np.ndarray, groups: np.ndarray | None, n_splits: int, method: str,
+                     seed: int) -> np.ndarray:
+    """Iterative stratification (MultilabelStratifiedKFold); with groups, GroupKFold (labels are
+    not stratified across groups: a note says so)."""
+    x = np.zeros(len(targets))
+    if groups is not None and method != "kfold":
+        print("note: folds: multi-label targets with groups: GroupKFold, labels not stratified",
+              file=sys.stderr)
+        splits = GroupKFold(n_splits, shuffle=True, random_state=seed).split(x, None, groups)
+    elif method == "kfold":
+        splits = KFold(n_splits, shuffle=True, random_state=seed).split(x)
+    else:
+        splits = MultilabelStratifiedKFold(n_splits, shuffle=True, random_state=seed).split(x, targets)
+    fold = np.full(len(targets), -1, dtype=np.int64)
+    for k, (_, val) in enumerate(splits):
+        fold[val] = k
+    absent = [j for j in range(targets.shape[1])
+              if targets[:, j].sum() >= n_splits and
+              any(targets[fold == k, j].sum() == 0 for k in range(n_splits))]
+    if absent and method != "kfold" and groups is None:
+        raise UserError(f"folds: label {absent[0]} is missing from a fold although it has "
+                        f"{int(targets[:, absent[0]].sum())} rows; use folds.method=kfold")
+    return fold
+
+
 def assign_folds(targets: np.ndarray, groups: np.ndarray | None, n_splits: int, method: str,
-                 seed: int) -> np.ndarray:
-    """Fold number (0..k-1) per row; pure and deterministic for a given seed."""
+                 seed: int, kind: str = "classes") -> np.ndarray:
+    """Fold number (0..k-1) per row; pure and deterministic for a given seed.
+
+    `kind`: `classes` (stratified on the class), `labels` (N x L 0/1: iterative
+    stratification) or `values` (numbers: stratified on their quantile bins).
+    """
     method = choose_method(method, groups is not None)
+    if groups is not None and len(np.unique(groups)) < n_splits:
+        raise UserError(f"folds.n_splits: {n_splits} folds but only {len(np.unique(groups))} groups")
+    if kind == "labels":
+        return multilabel_folds(targets, groups, n_splits, method, seed)
+    if kind == "values":
+        targets = value_bins(targets, n_splits)
     if method in ("stratified", "stratified_group"):
         labels, counts = np.unique(targets, return_counts=True)
         if counts.min() < n_splits:
@@ -34,8 +78,6 @@ def assign_folds(targets: np.ndarray, groups: np.ndarray | None, n_splits: int, 
                 f"folds.n_splits: {n_splits} folds but class {rare!r} has only {counts.min()} "
                 f"rows; lower folds.n_splits or use folds.method=kfold"
             )
-    if groups is not None and len(np.unique(groups)) < n_splits:
-        raise UserError(f"folds.n_splits: {n_splits} folds but only {len(np.unique(groups))} groups")
     x = np.zeros(len(targets))
     if method == "kfold":
         splits = KFold(n_splits, shuffle=True, random_state=seed).split(x)
@@ -51,9 +93,10 @@ def assign_folds(targets: np.ndarray, groups: np.ndarray | None, n_splits: int, 
     return fold
 
 
-def fold_table(ids, targets, groups, n_splits: int, method: str, seed: int) -> pd.DataFrame:
+def fold_table(ids, targets, groups, n_splits: int, method: str, seed: int,
+               kind: str = "classes") -> pd.DataFrame:
     folds = assign_folds(np.asarray(targets), None if groups is None else np.asarray(groups),
-                         n_splits, method, seed)
+                         n_splits, method, seed, kind)
     return pd.DataFrame({"id": list(ids), "fold": folds})
 
 
@@ -74,8 +117,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_competition(args.config, args.overrides)
     comp = load_competition_data(cfg)
     groups = comp.train["group"] if cfg.data.group_column else None
-    table = fold_table(comp.train["id"], comp.train["target"], groups, cfg.folds.n_splits,
-                       cfg.folds.method, cfg.seed)
+    kind = {"multilabel": "labels", "regression": "values"}.get(cfg.task, "classes")
+    targets = comp.train["target"] if cfg.task in ("multiclass", "binary") else comp.targets()
+    table = fold_table(comp.train["id"], targets, groups, cfg.folds.n_splits,
+                       cfg.folds.method, cfg.seed, kind)
     out = folds_path(cfg.name)
     write_csv(table, out)
     sizes = table["fold"].value_counts().sort_index().tolist()

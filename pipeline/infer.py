@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from pipeline import blend, cpu, inference, tta
+from pipeline import blend, cpu, inference, tta, tasks, thresholds
 from pipeline.artifacts import as_written
 from pipeline.competition import SubmissionFormat, find_images, read_table
 from pipeline.device import resolve_device
@@ -94,7 +94,7 @@ def read_sample(path: Path, pkg: Package) -> SubmissionFormat:
     if dup.any():
         raise UserError(f"{path}: duplicate id {ids[dup].iloc[0]!r}")
     return SubmissionFormat(sub["id_column"], sub["kind"], tuple(sub["columns"]), tuple(ids),
-                            sub["positive_class"])
+                            sub["positive_class"], sub.get("binary_columns", False))
 
 
 def stream(paths: list[str], settings: inference.Settings,
@@ -185,9 +185,10 @@ def run(args: argparse.Namespace) -> None:
     with tqdm(total=len(paths) * len(pkg.settings), unit="img", desc="infer", file=sys.stderr,
               mininterval=1.0, disable=None) as bar:  # no bar in logs
         per_experiment = predict_package(pkg, paths, on, timing, bar)
-    classes = pkg.meta["classes"]
-    df = format_submission(fmt, classes, list(ids), blended(pkg, per_experiment))
-    write_submission(df, Path(args.out), fmt, classes)
+    task = tasks.from_json(pkg.meta["task_spec"])
+    df = format_submission(fmt, task, list(ids), blended(pkg, per_experiment),
+                           thresholds.from_json(pkg.meta.get("thresholds")))
+    write_submission(df, Path(args.out), fmt, task)
     seconds = timing.load_s + timing.predict_s
     print(f"wrote {args.out}: {len(df)} rows; {len(paths)} images in {seconds:.1f} s, "
           f"{len(paths) / seconds:.1f} images/s on {on.type} ({len(pkg.settings)} experiments; "

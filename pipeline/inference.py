@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline import tta
+from pipeline import tasks, tta
 from pipeline.artifacts import atomic_path
 from pipeline.config import ExperimentConfig, ModelConfig
 from pipeline.data import normalize, to_memory_format
@@ -28,7 +28,7 @@ class Settings:
     """Everything besides the weights that decides one experiment's predictions."""
 
     model: dict  # ModelConfig fields; the architecture is rebuilt from them without weights
-    n_classes: int
+    task: tasks.Task  # its head size, how logits become predictions and how views merge
     channels: int
     image_size: int
     spec: InputSpec
@@ -49,7 +49,7 @@ class Settings:
         return max(1, self.max_batch // len(tta.union(list(self.view_sets))))
 
     def to_json(self) -> dict:
-        return dict(model=self.model, n_classes=self.n_classes, channels=self.channels,
+        return dict(model=self.model, task=self.task.to_json(), channels=self.channels,
                     image_size=self.image_size, mean=list(self.spec.mean),
                     std=list(self.spec.std), crop_pct=self.spec.crop_pct,
                     channels_last=self.channels_last, view_sets=list(self.view_sets),
@@ -58,16 +58,16 @@ class Settings:
     @classmethod
     def from_json(cls, d: dict) -> Settings:
         spec = InputSpec(tuple(d["mean"]), tuple(d["std"]), float(d["crop_pct"]))
-        return cls(dict(d["model"]), int(d["n_classes"]), int(d["channels"]),
+        return cls(dict(d["model"]), tasks.from_json(d["task"]), int(d["channels"]),
                    int(d["image_size"]), spec, bool(d["channels_last"]), tuple(d["view_sets"]),
                    d["merge"], int(d["max_batch"]), d.get("precision", "auto"))
 
 
-def experiment_settings(cfg: ExperimentConfig, spec: InputSpec, n_classes: int,
+def experiment_settings(cfg: ExperimentConfig, spec: InputSpec, task: tasks.Task,
                         view_sets: list[str]) -> Settings:
     """An experiment's settings (its model's input `spec`) for predicting `view_sets`."""
     model = cfg.model.model_copy(update={"pretrained": False}).model_dump()
-    return Settings(model, n_classes, cfg.data.channels, cfg.image_size, spec,
+    return Settings(model, task, cfg.data.channels, cfg.image_size, spec,
                     cfg.train.channels_last, tuple(view_sets), cfg.tta.merge,
                     cfg.tta.max_batch or cfg.train.eval_batch_size, cfg.train.precision)
 
@@ -95,7 +95,7 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
 def load_model(settings: Settings, path: Path, on: torch.device | None = None) -> torch.nn.Module:
     """The fold model of `settings` with the weights at `path`, in eval mode, on `on` (CPU)."""
     cfg = ModelConfig(**{**settings.model, "pretrained": False})
-    model = create_model(cfg, settings.n_classes, settings.channels)
+    model = create_model(cfg, settings.task.n_outputs, settings.channels)
     model.load_state_dict(load_weights(path))
     model = to_memory_format(model, settings.channels_last).eval()
     return model.to(on) if on is not None else model
@@ -103,11 +103,11 @@ def load_model(settings: Settings, path: Path, on: torch.device | None = None) -
 
 def predict_batches(models: list[torch.nn.Module], batches: Iterable[torch.Tensor],
                     settings: Settings, rt: Runtime | None = None) -> dict[str, list[np.ndarray]]:
-    """{view set: one N x K float64 probability array per model} for uint8 N x C x H x W batches.
+    """{view set: one N x K float64 prediction array per model} for uint8 N x C x H x W batches.
 
     Every model sees every batch: the images are read once for all of them. A batch moves to
     the runtime's device (default the CPU, fp32) as uint8; views are cut and normalised there,
-    and the models run under its autocast (probabilities in float32).
+    and the models run under its autocast (predictions in float32).
     """
     rt = rt or Runtime(torch.device("cpu"))
     prep = functools.partial(normalize, spec=settings.spec, channels_last=settings.channels_last)
@@ -118,12 +118,8 @@ def predict_batches(models: list[torch.nn.Module], batches: Iterable[torch.Tenso
             x, = rt.to_device(x)
             for i, model in enumerate(models):
                 sets = tta.predict_sets(model, x, settings.image_size, views, settings.merge,
-                                        prep, settings.max_batch)
+                                        prep, settings.max_batch, settings.task)
                 for v, p in sets.items():
                     out[v][i].append(p.cpu())
-    return {v: [_rows_sum_to_one(parts) for parts in per_model] for v, per_model in out.items()}
-
-
-def _rows_sum_to_one(parts: list[torch.Tensor]) -> np.ndarray:
-    proba = torch.cat(parts).numpy().astype(np.float64)
-    return proba / proba.sum(1, keepdims=True)
+    return {v: [settings.task.finish(torch.cat(parts).numpy()) for parts in per_model]
+            for v, per_model in out.items()}

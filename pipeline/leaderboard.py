@@ -129,7 +129,7 @@ def table(found: list[dict], metric: str) -> pd.DataFrame:
     df = pd.DataFrame(found, columns=COLUMNS[1:])
     df["sort_key"] = df["cv_tta"].fillna(df["cv"]).astype(float)
     same = df["metric"] == metric
-    ranked = df[same].sort_values("sort_key", ascending=not metrics.HIGHER_IS_BETTER[metric],
+    ranked = df[same].sort_values("sort_key", ascending=not metrics.higher_is_better(metric),
                                   kind="stable")
     ranked.insert(0, "rank", pd.array(range(1, len(ranked) + 1), dtype="Int64"))
     return pd.concat([ranked, df[~same]])[COLUMNS].reset_index(drop=True)
@@ -152,14 +152,14 @@ def markdown(df: pd.DataFrame, title: str) -> str:
 
 def build(comp_runs: Path, competition: CompetitionConfig) -> tuple[pd.DataFrame, str]:
     """The leaderboard of `comp_runs`, written as leaderboard.csv and .md; returns both."""
-    metric = competition.metric
+    metric = metrics.name(competition.metric)
     found = rows(comp_runs, competition.model_dump(mode="json")) if comp_runs.is_dir() else []
     if not found:
         raise UserError(f"{comp_runs}: no trained experiment yet; run `make train "
                         f"COMP={comp_runs.name}` first")
     df = table(found, metric)
     md = markdown(df, f"Leaderboard of {comp_runs.name} ({metric}, "
-                      f"{'higher' if metrics.HIGHER_IS_BETTER[metric] else 'lower'} is better)")
+                      f"{'higher' if metrics.higher_is_better(metric) else 'lower'} is better)")
     write_csv(df, comp_runs / "leaderboard.csv", float_format="%.6g")
     write_text(md, comp_runs / "leaderboard.md")
     return df, md

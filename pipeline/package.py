@@ -100,13 +100,16 @@ def add_experiment(config: Path, root: Path, half: bool) -> int:
     return n_folds
 
 
-def describe(cfg: EnsembleConfig, comp: Competition) -> dict:
-    """package.json: what the submission needs besides the predictions."""
+def describe(cfg: EnsembleConfig, comp: Competition, thresholds: dict | None = None) -> dict:
+    """package.json: what the submission needs besides the predictions (the task, the
+    ensemble's decision thresholds, the format)."""
     fmt = comp.submission
     return dict(name=cfg.name, task=cfg.task, classes=list(comp.classes),
+                task_spec=comp.task.to_json(), thresholds=thresholds,
                 image_suffix=cfg.data.image_suffix,
                 submission=dict(id_column=fmt.id_column, kind=fmt.kind, columns=list(fmt.columns),
-                                positive_class=fmt.positive_class))
+                                positive_class=fmt.positive_class,
+                                binary_columns=fmt.binary_columns))
 
 
 def read_blend(cfg: EnsembleConfig) -> dict:
@@ -116,7 +119,7 @@ def read_blend(cfg: EnsembleConfig) -> dict:
     result = json.loads(path.read_text())
     names = result["experiments"]
     return dict(experiments=names, weights=[result["weights"][n] for n in names],
-                mode=result["mode"])
+                mode=result["mode"], thresholds=result.get("thresholds"))
 
 
 def build(cfg: EnsembleConfig, config_dir: Path, out: Path, half: bool) -> Path:
@@ -129,8 +132,9 @@ def build(cfg: EnsembleConfig, config_dir: Path, out: Path, half: bool) -> Path:
     try:
         folds = {name: add_experiment(config_dir / f"{name}.yaml", tmp / name, half)
                  for name in blend["experiments"]}
+        chosen = blend.pop("thresholds")
         write_json(dict(blend, folds=folds), tmp / BLEND)
-        write_json(describe(cfg, comp), tmp / PACKAGE)
+        write_json(describe(cfg, comp, chosen), tmp / PACKAGE)
         build_wheel(tmp)
         created = dict(utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                        competition=cfg.name, half=half)

@@ -25,7 +25,7 @@ from pipeline.train import Setup, load_fold_model, prepare, proba_frame
 
 def settings(s: Setup, view_sets: list[str]) -> inference.Settings:
     """The experiment's inference settings for `view_sets`."""
-    return inference.experiment_settings(s.cfg, s.spec, len(s.comp.classes), view_sets)
+    return inference.experiment_settings(s.cfg, s.spec, s.comp.task, view_sets)
 
 
 def cache_batches(images: np.ndarray, rows: np.ndarray, s: Setup, settings: inference.Settings):
@@ -118,13 +118,14 @@ def run(cfg: ExperimentConfig) -> dict:
     write_csv(proba_frame(s.comp.train["id"], s.folds, oof[best], s.comp.classes),
               run_dir / "oof_tta.csv")
     scores.update(cv_tta=tta_scores[best], per_fold_tta=per_fold_tta, tta_views=best,
+                  task=cfg.task,
                   tta_merge=cfg.tta.merge, tta_scores=tta_scores)
     write_json(scores, run_dir / "scores.json")
     experiment_report.write(s)  # report.md and PNGs: learning curves, OOF errors
     test = predict_test(s, [best])[best]  # the chosen views only, as a package predicts
     test_df = proba_frame(s.comp.test["id"], -1, test, s.comp.classes)
     write_csv(test_df.drop(columns="fold"), run_dir / "test.csv")  # last: make's target
-    print(f"{cfg.experiment}: CV {cfg.metric} {scores['cv']:.5f} without TTA, "
+    print(f"{cfg.experiment}: CV {scores['metric']} {scores['cv']:.5f} without TTA, "
           f"{tta_scores[best]:.5f} with {best} ({cfg.tta.merge})", file=sys.stderr)
     return scores
 

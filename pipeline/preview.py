@@ -39,12 +39,12 @@ def sample_views(cfg: ExperimentConfig, n_images: int,
     comp = load_competition_data(cfg)
     if len(comp.train) == 0:
         raise UserError(f"{cfg.data.path('train_csv')}: no training images to preview")
-    _, side = experiment_input(cfg, len(comp.classes))
+    _, side = experiment_input(cfg, comp.task.n_outputs)
     rng = np.random.default_rng(cfg.seed)
     rows = np.sort(rng.choice(len(comp.train), min(n_images, len(comp.train)), replace=False))
     paths = comp.train["path"].iloc[rows]
     images = np.stack([resize(decode(p, cfg.data.channels), side) for p in paths])
-    labels = comp.target_index()[rows]
+    labels = comp.targets()[rows]
     positions = np.arange(len(rows))
     eval_ds = CachedImages(images, positions, labels, eval_transform(cfg.image_size))
     original, _ = eval_ds.batch(positions)
@@ -57,7 +57,7 @@ def sample_views(cfg: ExperimentConfig, n_images: int,
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
         pairs = augmented[0][: 2 * (len(rows) // 2)].float()
-        mixed, _ = mix(pairs, torch.from_numpy(labels[: len(pairs)]))
+        mixed, _ = comp.task.mix(mix, pairs, torch.from_numpy(labels[: len(pairs)]))
         mixed = torch.cat([_to_uint8(mixed), augmented[0][len(pairs):]])
         augmented.append(mixed)
         titles.append("mixup/cutmix")

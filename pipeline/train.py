@@ -18,10 +18,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 from timm.data import Mixup
-from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
@@ -79,11 +77,11 @@ def prepare(cfg: ExperimentConfig, rt: Runtime | None = None) -> Setup:
             raise UserError(f"{fpath}: ids do not match the train table (e.g. {missing[:1]}); "
                             f"rerun `make folds COMP={cfg.name}`")
         folds = comp.train["id"].map(lookup).to_numpy(np.int64)
-        spec, side = experiment_input(cfg, len(comp.classes))
+        spec, side = experiment_input(cfg, comp.task.n_outputs)
         images = image_cache(list(comp.train["path"]), side, cfg.data.channels, cfg.data.cache_dir)
     # TTA needs no retraining; the device does not change what is trained
     tag = f"{config_hash(cfg, exclude={'tta', 'device'})}-{file_hash(fpath)}"
-    return Setup(cfg, comp, folds, images, side, comp.target_index(), spec, tag, rt)
+    return Setup(cfg, comp, folds, images, side, comp.targets(), spec, tag, rt)
 
 
 def device_batches(s: Setup, loader) -> DeviceBatches:
@@ -92,7 +90,8 @@ def device_batches(s: Setup, loader) -> DeviceBatches:
 
 
 def predict_proba(s: Setup, model, rows: np.ndarray) -> np.ndarray:
-    """Class probabilities (float64, rows summing to 1) of the centre crops of cache `rows`.
+    """The task's predictions (float64: probabilities, or values) of the centre crops of cache
+    `rows`.
 
     Under torchrun each rank predicts its share of the rows and every rank gets them all.
     """
@@ -103,11 +102,10 @@ def predict_proba(s: Setup, model, rows: np.ndarray) -> np.ndarray:
     out = []
     with torch.inference_mode(), s.rt.autocast():
         for x, _ in device_batches(s, loader):
-            out.append(F.softmax(model(x).float(), dim=1).cpu())
+            out.append(s.comp.task.activate(model(x)).cpu())
     proba = torch.cat(out).numpy().astype(np.float64) if out else \
         np.zeros((0, len(s.comp.classes)))
-    proba = s.rt.gather_rows(proba)
-    return proba / proba.sum(1, keepdims=True)
+    return s.comp.task.finish(s.rt.gather_rows(proba))
 
 
 def _save_weights(path: Path, model: torch.nn.Module) -> None:
@@ -145,13 +143,15 @@ def init_model(s: Setup, fold: int) -> torch.nn.Module:
     """The fold's starting model on the run's device: seeded, so a head or a random init is the
     same every run."""
     seed_everything(s.cfg.seed + fold)
-    model = create_model(s.cfg.model, len(s.comp.classes), s.cfg.data.channels).to(s.rt.device)
+    model = create_model(s.cfg.model, s.comp.task.n_outputs, s.cfg.data.channels).to(s.rt.device)
     if s.cfg.train.sync_bn and s.rt.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return to_memory_format(model, s.cfg.train.channels_last)
 
 
 def make_mixer(cfg: ExperimentConfig, n_classes: int) -> Mixup | None:
+    """timm's Mixup; for tasks other than multi-class only its batch mixing is used
+    (`Task.mix`)."""
     return mixer(cfg.augment, n_classes, cfg.train.label_smoothing, cfg.train.batch_size)
 
 
@@ -204,10 +204,8 @@ def train_epoch(s: Setup, model, loader, optimizer, lr_factors: list[float], fir
             first_lrs = first_lrs or finetune.group_lr_row(optimizer)
         with rt.no_sync(trained, not last), rt.autocast():
             if mix is not None:
-                x, y_soft = mix(x, y)
-                loss = SoftTargetCrossEntropy()(trained(x).float(), y_soft)
-            else:
-                loss = F.cross_entropy(trained(x).float(), y, label_smoothing=tc.label_smoothing)
+                x, y = s.comp.task.mix(mix, x, y)
+            loss = s.comp.task.loss(trained(x).float(), y, tc.label_smoothing)
         if first:  # the last step's gradients are freed only now: their memory serves this one's
             optimizer.zero_grad(set_to_none=True)
         rt.backward(loss / tc.accumulate if tc.accumulate > 1 else loss, scaler)
@@ -304,6 +302,7 @@ def train_fold(s: Setup, fold: int, fold_dir: Path, stop_after_epochs: int | Non
     last, log_path = fold_dir / "last.pt", fold_dir / "log.csv"
     state = resume(last, s.tag, model, optimizer, ema, scaler,
                    dict(stage=0, epoch=0, best=metrics.worst(cfg.metric), bad_epochs=0, step=0))
+    metric = metrics.name(cfg.metric)
     log = []
     if state["step"]:
         done = sum(st.epochs for st in plan[:state["stage"]]) + state["epoch"]
@@ -348,13 +347,13 @@ def train_fold(s: Setup, fold: int, fold_dir: Path, stop_after_epochs: int | Non
             images = len(loader) * tc.batch_size * rt.world.size
             log.append(dict(epoch=global_epoch, stage=si, stage_epoch=epoch,
                             trainable_groups=stage.trainable, train_loss=loss,
-                            val_loss=metrics.score("log_loss", y_val, proba), val_metric=val_score,
+                            val_loss=metrics.loss_metric(y_val, proba), val_metric=val_score,
                             **epoch_lrs, seconds=round(time.perf_counter() - started, 2),
                             images_per_s=round(images / train_seconds, 1),
                             peak_mem_mb=round(peak_memory_mb(rt), 1)))
             eta = progress.epoch_done()
             if primary:
-                print(f"{desc}: train loss {loss:.4f}, val {cfg.metric} {val_score:.4f}, "
+                print(f"{desc}: train loss {loss:.4f}, val {metric} {val_score:.4f}, "
                       f"{images / train_seconds:.0f} img/s, {eta}", file=sys.stderr)
             if metrics.better(cfg.metric, val_score, state["best"]):
                 state.update(best=val_score, bad_epochs=0)
@@ -379,7 +378,7 @@ def train_fold(s: Setup, fold: int, fold_dir: Path, stop_after_epochs: int | Non
 
 def load_fold_model(s: Setup, fold_dir: Path) -> torch.nn.Module:
     """A fold's best weights in its model, on the run's device, ready to predict."""
-    settings = inference.experiment_settings(s.cfg, s.spec, len(s.comp.classes), ["none"])
+    settings = inference.experiment_settings(s.cfg, s.spec, s.comp.task, ["none"])
     return inference.load_model(settings, fold_dir / "best.safetensors", s.rt.device)
 
 
@@ -447,11 +446,14 @@ def run(cfg: ExperimentConfig, only: list[int] | None = None) -> dict | None:
     oof = pd.concat(frames).set_index("id").loc[list(s.comp.train["id"])].reset_index()
     proba = oof[list(s.comp.classes)].to_numpy()
     per_fold = metrics.fold_scores(cfg.metric, s.labels, s.folds, proba)
-    cv = metrics.score(cfg.metric, s.labels, proba)
-    scores = dict(metric=cfg.metric, per_fold=per_fold, cv=cv, tag=s.tag)
+    cv = metrics.score(cfg.metric, s.labels, proba, ids=oof["id"])
+    baseline = metrics.score(cfg.metric, s.labels, s.comp.task.baseline(s.labels), ids=oof["id"])
+    scores = dict(metric=metrics.name(cfg.metric), per_fold=per_fold, cv=cv,
+                  baseline_cv=baseline, tag=s.tag)
     write_json(scores, run_dir / "scores.json")
     write_csv(oof, run_dir / "oof.csv")
-    print(f"{cfg.experiment}: CV {cfg.metric} {cv:.5f} (folds "
+    print(f"{cfg.experiment}: CV {metrics.name(cfg.metric)} {cv:.5f} (trivial baseline "
+          f"{baseline:.5f}; folds "
           f"{', '.join(f'{v:.4f}' for v in per_fold.values())})", file=sys.stderr)
     return scores
 

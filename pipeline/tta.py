@@ -54,10 +54,14 @@ def union(view_sets: list[str]) -> tuple[View, ...]:
     return tuple(dict.fromkeys(v for name in view_sets for v in VIEW_SETS[name]))
 
 
-def merge(proba: torch.Tensor, how: str) -> torch.Tensor:
-    """V x N x K view probabilities -> N x K: mean, or geometric mean renormalised."""
+def merge(proba: torch.Tensor, how: str, simplex: bool = True) -> torch.Tensor:
+    """V x N x K view predictions -> N x K: mean, or geometric mean renormalised (rows summing
+    to 1 when `simplex`, else each column's probability against its complement)."""
     if how == "mean":
         return proba.mean(0)
+    if how == "geometric" and not simplex:
+        p = proba.clamp(1e-12, 1 - 1e-12)
+        return torch.sigmoid((torch.log(p) - torch.log1p(-p)).mean(0))
     if how == "geometric":
         return F.softmax(torch.log(proba.clamp_min(1e-12)).mean(0), dim=1)
     raise ValueError(f"unknown merge {how!r}")
@@ -83,8 +87,9 @@ def stack_views(x: torch.Tensor, size: int, needed: tuple[View, ...]) -> torch.T
 
 def predict_sets(model: torch.nn.Module, x: torch.Tensor, size: int, view_sets: list[str],
                  how: str, prep: Callable[[torch.Tensor], torch.Tensor],
-                 max_batch: int) -> dict[str, torch.Tensor]:
-    """{view set: N x K probabilities} for a batch of cached images.
+                 max_batch: int, task=None) -> dict[str, torch.Tensor]:
+    """{view set: N x K predictions} for a batch of cached images: `task`'s (pipeline.tasks)
+    activation of the logits (default softmax), views merged per image.
 
     All distinct views of the batch are stacked and go through the model together, in
     forward passes of at most `max_batch` images; `prep` turns a stacked chunk into model
@@ -94,18 +99,20 @@ def predict_sets(model: torch.nn.Module, x: torch.Tensor, size: int, view_sets: 
     stacked = stack_views(x, size, needed)
     parts = [model(prep(chunk)) for chunk in stacked.split(max_batch)]
     logits = parts[0] if len(parts) == 1 else torch.cat(parts)
-    proba = F.softmax(logits.float(), dim=1).view(x.shape[0], len(needed), -1).transpose(0, 1)
+    proba = F.softmax(logits.float(), dim=1) if task is None else task.activate(logits)
+    proba = proba.view(x.shape[0], len(needed), -1).transpose(0, 1)
+    simplex = task is None or task.simplex
     index = {v: i for i, v in enumerate(needed)}
     out = {}
     for name in view_sets:
         if VIEW_SETS[name] == needed:
-            out[name] = merge(proba, how)
+            out[name] = merge(proba, how, simplex)
         else:
             rows = torch.tensor([index[v] for v in VIEW_SETS[name]], device=proba.device)
-            out[name] = merge(proba.index_select(0, rows), how)
+            out[name] = merge(proba.index_select(0, rows), how, simplex)
     return out
 
 
 def average_folds(per_fold: list[np.ndarray]) -> np.ndarray:
-    """Mean over folds of N x K test probabilities."""
+    """Mean over folds of N x K test predictions."""
     return np.mean(np.stack(per_fold), axis=0)

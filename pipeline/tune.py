@@ -157,7 +157,7 @@ def open_study(cfg: ExperimentConfig) -> optuna.Study:
     """The study `<comp>-<exp>` in the storage; refused when its trials searched another space,
     metric, folds or base config."""
     url = storage_url(cfg)
-    setup = dict(metric=cfg.metric, folds=tuning_folds(cfg), tag=config_hash(cfg),
+    setup = dict(metric=metrics.name(cfg.metric), folds=tuning_folds(cfg), tag=config_hash(cfg),
                  space=cfg.tune.model_dump(mode="json")["space"])
     study = optuna.create_study(storage=open_storage(url), study_name=study_name(cfg),
                                 direction=metrics.direction(cfg.metric), load_if_exists=True,
@@ -300,13 +300,13 @@ def results(cfg: ExperimentConfig, path: Path, data: dict, study: optuna.Study,
     best = study.best_trial
     url, folds = storage_url(cfg), tuning_folds(cfg)
     note = (f"Tuned by `make tune` from {path.name}: study {study.study_name!r} in {url},\n"
-            f"best trial {best.number}: {cfg.metric} {best.value:.5f} on folds {folds} "
+            f"best trial {best.number}: {metrics.name(cfg.metric)} {best.value:.5f} on folds {folds} "
             f"(optimistic: chosen on those folds).")
     text = tuned_yaml(path, data, best.params, note, overrides)
     target = tuned_path(path)
     if not target.is_file() or target.read_text() != text:
         write_text(text, target)
-    summary = dict(study=study.study_name, storage=url, metric=cfg.metric, folds=folds,
+    summary = dict(study=study.study_name, storage=url, metric=metrics.name(cfg.metric), folds=folds,
                    best_trial=best.number, best_value=best.value, best_params=best.params,
                    tuned_config=str(target),
                    trials={s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
@@ -343,7 +343,7 @@ def run(path: str | Path, overrides: list[str] | None = None) -> dict | None:
     work(cfg, data, space, study)
     summary = results(cfg, path, data, study, overrides)
     if summary:
-        print(f"tune: best {cfg.metric} {summary['best_value']:.5f} (trial "
+        print(f"tune: best {metrics.name(cfg.metric)} {summary['best_value']:.5f} (trial "
               f"{summary['best_trial']}; {summary['trials']}) -> {summary['tuned_config']}, "
               f"report {study_dir(cfg) / 'report.md'}", file=sys.stderr)
     return summary

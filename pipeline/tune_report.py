@@ -86,12 +86,12 @@ def _fmt(value) -> str:
 
 def render(study: optuna.Study, cfg: ExperimentConfig, summary: dict, cv: dict,
            importances: bool) -> str:
-    metric = cfg.metric
+    metric = metrics.name(cfg.metric)
     finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     epochs = sum(t.user_attrs.get("epochs", 0) for t in finished)
     counts = summary["trials"]
     complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
-                      key=lambda t: t.value, reverse=metrics.HIGHER_IS_BETTER[metric])
+                      key=lambda t: t.value, reverse=metrics.higher_is_better(metric))
     keys = list(summary["best_params"])
     lines = [
         f"# Tuning {cfg.experiment} ({cfg.name})", "",
@@ -129,5 +129,5 @@ def write_report(study: optuna.Study, cfg: ExperimentConfig, summary: dict, out:
                  cv: dict, fold_step: int) -> None:
     plot_history(study, out / "history.png")
     importances = plot_importances(study, out / "importances.png")
-    plot_intermediate(study, cfg.metric, summary["folds"], fold_step, out / "intermediate.png")
+    plot_intermediate(study, metrics.name(cfg.metric), summary["folds"], fold_step, out / "intermediate.png")
     write_text(render(study, cfg, summary, cv, importances), out / "report.md")

@@ -89,6 +89,58 @@ def yaml_of(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
+def with_keys(r: Path, **keys) -> None:
+    """Rewrite competition.yaml with `keys` set (sections merged one level deep)."""
+    data = yaml_of(r / COMP[0])
+    for key, value in keys.items():
+        data[key] = {**data[key], **value} if isinstance(data.get(key), dict) else value
+    write_yaml(r / COMP[0], data)
+
+
+def numeric_targets(r: Path, first: str) -> None:
+    edit_csv(r / TRAIN_CSV, lambda d: d.assign(target=[first] + [str(i % 3) for i in range(1, len(d))]))
+    pd.DataFrame({"image_id": [f"te{i:03d}" for i in range(6)], "target": 0.5}).to_csv(
+        r / "data/tiny/sample_submission.csv", index=False)
+
+
+# the task cases: targets, metrics and formats that do not fit the task
+TASK_CASES = [
+    ("metric does not fit task", lambda r: with_keys(r, metric="rmse"),
+     "metric: rmse does not fit task multiclass"),
+    ("regression target not a number", lambda r: with_keys(r, task="regression", metric="rmse"),
+     "train.csv: row 2: target 'class_0' is not a number"),
+    ("regression target empty", lambda r: (numeric_targets(r, "nan"),
+                                           with_keys(r, task="regression", metric="rmse")),
+     "train.csv: row 2: empty target"),
+    ("ordinal grade not an integer", lambda r: (numeric_targets(r, "1.5"),
+                                                with_keys(r, task="ordinal", metric="qwk")),
+     "task: ordinal needs integer grades"),
+    ("label column not 0/1", lambda r: (edit_csv(r / TRAIN_CSV, lambda d: d.assign(
+        a=["1"] + ["0"] * (len(d) - 1), b=["2"] * len(d))),
+        with_keys(r, task="multilabel", metric="micro_f1",
+                  data={"target_columns": ["a", "b"]})),
+     "train.csv: row 2: column 'b' holds '2', not 0 or 1"),
+    ("label columns for a single-label task", lambda r: with_keys(
+        r, data={"target_columns": ["target"]}), "only for task multilabel"),
+    ("format does not fit task", lambda r: with_keys(r, submission={"format": "labels"}),
+     "submission.format: labels does not fit task multiclass"),
+    ("user metric file missing", lambda r: with_keys(
+        r, metric={"file": "nope.py", "function": "score", "direction": "maximize"}),
+     "metric.file: configs/tiny/nope.py not found"),
+    ("user metric function missing", lambda r: ((r / "configs/tiny/m.py").write_text(
+        "def other(ids, y, p):\n    return 0.0\n"), with_keys(
+        r, metric={"file": "m.py", "function": "score", "direction": "maximize"})),
+     "metric.function: configs/tiny/m.py has no function 'score'"),
+]
+
+
+@pytest.mark.parametrize("case, breaker, message", TASK_CASES, ids=[c[0] for c in TASK_CASES])
+def test_task_cases(tiny, capsys, case, breaker, message):
+    breaker(tiny)
+    line = run_stage(folds, COMP, tiny, capsys)
+    assert message in line
+
+
 @pytest.mark.parametrize("case, breaker, message", READER_CASES, ids=[c[0] for c in READER_CASES])
 def test_reader_and_config_cases(tiny, capsys, case, breaker, message):
     breaker(tiny)

@@ -26,7 +26,7 @@ def test_reads_ids_classes_paths_and_label_format(tiny):
     assert comp.submission.columns == ("target",)
     sample = pd.read_csv("data/tiny/sample_submission.csv")
     assert list(comp.test["id"]) == list(sample["image_id"])  # sample_submission's order
-    assert list(comp.target_index()[:8]) == [0] * 8
+    assert list(comp.targets()[:8]) == [0] * 8
 
 
 def proba_sample(root, columns):

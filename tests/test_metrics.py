@@ -50,8 +50,8 @@ def test_direction_follows_the_metric(metric, direction):
 
 
 def test_unknown_metric_is_refused():
-    with pytest.raises(ValueError, match="unknown metric 'rmse'"):
-        metrics.score("rmse", Y, P)
+    with pytest.raises(ValueError, match="unknown metric .brier."):
+        metrics.score("brier", Y, P)
 
 
 def test_fold_scores_score_each_fold_on_its_own_rows():

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from conftest import COMPETITION, make_competition, write_yaml
-from pipeline import submit
+from pipeline import submit, tasks
 from pipeline.competition import SubmissionFormat
 from pipeline.errors import UserError
 
@@ -73,10 +73,11 @@ def test_multiclass_probability_submission_in_sample_column_order(tmp_path, monk
 
 
 FMT = SubmissionFormat("id", "proba", ("b", "a"), ("r2", "r1"))
+AB = tasks.Multiclass(["a", "b"])
 
 
 def test_probabilities_are_clipped_and_renormalised_in_sample_order():
-    out = submit.format_submission(FMT, ["a", "b"], ["r1", "r2"],
+    out = submit.format_submission(FMT, AB, ["r1", "r2"],
                                    np.array([[0.0, 1.0], [0.6, 0.6]]))
     assert list(out.columns) == ["id", "b", "a"] and list(out["id"]) == ["r2", "r1"]
     np.testing.assert_allclose(out[["a", "b"]], [[0.5, 0.5], [1e-7 / (1 + 1e-7), 1 / (1 + 1e-7)]])
@@ -84,9 +85,9 @@ def test_probabilities_are_clipped_and_renormalised_in_sample_order():
 
 def test_refuses_missing_ids_and_nan():
     with pytest.raises(UserError, match="lack 1 sample_submission ids, e.g. 'r2'"):
-        submit.format_submission(FMT, ["a", "b"], ["r1"], np.array([[0.5, 0.5]]))
+        submit.format_submission(FMT, AB, ["r1"], np.array([[0.5, 0.5]]))
     with pytest.raises(UserError, match="NaN"):
-        submit.format_submission(FMT, ["a", "b"], ["r1", "r2"], np.array([[np.nan, 1], [0.5, 0.5]]))
+        submit.format_submission(FMT, AB, ["r1", "r2"], np.array([[np.nan, 1], [0.5, 0.5]]))
 
 
 @pytest.mark.parametrize("text, message", [
@@ -99,12 +100,12 @@ def test_validation_rejects_files_that_do_not_match_the_sample(tmp_path, text, m
     path = tmp_path / "sub.csv"
     path.write_text(text)
     with pytest.raises(UserError, match=message):
-        submit.validate_submission(path, FMT, ["a", "b"])
+        submit.validate_submission(path, FMT, AB)
 
 
 def test_a_failed_validation_leaves_no_file(tmp_path):
     bad = pd.DataFrame({"id": ["r1", "r2"], "b": [0.5, 0.5], "a": [0.5, 0.5]})  # wrong order
     with pytest.raises(UserError):
-        submit.write_submission(bad, tmp_path / "sub.csv", FMT, ["a", "b"])
+        submit.write_submission(bad, tmp_path / "sub.csv", FMT, AB)
     assert list(tmp_path.iterdir()) == []
 
