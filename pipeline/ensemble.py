@@ -274,7 +274,7 @@ def per_column_scores(task, y: np.ndarray, pred: np.ndarray) -> dict:
         return {c: metrics.score("roc_auc", y[:, [j]], pred[:, [j]])
                 for j, c in enumerate(task.columns) if 0 < y[:, j].sum() < len(y)}
     if task.kind == "ordinal":
-        return {str(g): float(np.abs(pred[y == g, 0] - g).mean()) for g in task.grades
+        return {f"{g:g}": float(np.abs(pred[y == g, 0] - g).mean()) for g in task.grades
                 if (y == g).any()}
     return {}
 

@@ -1,4 +1,5 @@
 """The competition reader: ids, paths, classes and the submission format, with clear errors."""
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -118,3 +119,29 @@ def test_warns_on_sample_class_absent_from_train(tiny, capsys):
 def test_group_column_must_exist(tiny):
     with pytest.raises(UserError, match="no column 'site' \\(set by data.group_column\\)"):
         load(["data.group_column=site"])
+
+
+def test_multilabel_targets_from_label_columns_and_from_one_separated_column(tiny):
+    from conftest import COMPETITION, write_yaml
+    from pipeline.config import load_competition
+
+    train = pd.read_csv("data/tiny/train.csv", dtype=str)
+    train["lab_cat"] = ["1", "0"] * 12
+    train["lab_dog"] = ["1", "1", "0"] * 8
+    train.to_csv("data/tiny/train.csv", index=False)
+    pd.DataFrame({"image_id": [f"te{i:03d}" for i in range(6)], "cat": 0, "dog": 1}).to_csv(
+        "data/tiny/sample_submission.csv", index=False)
+    write_yaml(tiny / "configs/tiny/competition.yaml",
+               {**COMPETITION, "task": "multilabel", "metric": "micro_f1",
+                "data": {**COMPETITION["data"], "target_prefix": "lab_"}})
+    comp = load_competition_data(load_competition("configs/tiny/competition.yaml"))
+    assert comp.classes == ("cat", "dog") and comp.y.dtype == np.float32
+    assert comp.y[:3].tolist() == [[1, 1], [0, 1], [1, 0]]
+    assert comp.submission.kind == "columns" and comp.submission.binary_columns
+    train.assign(target=["cat dog", "dog", "cat", ""] * 6).to_csv("data/tiny/train.csv", index=False)
+    pd.DataFrame({"image_id": [f"te{i:03d}" for i in range(6)], "tags": ""}).to_csv(
+        "data/tiny/sample_submission.csv", index=False)
+    write_yaml(tiny / "configs/tiny/competition.yaml",
+               {**COMPETITION, "task": "multilabel", "metric": "micro_f1"})
+    comp = load_competition_data(load_competition("configs/tiny/competition.yaml"))
+    assert comp.submission.kind == "labels" and comp.y[:4].tolist() == [[1, 1], [0, 1], [1, 0], [0, 0]]

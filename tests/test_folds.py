@@ -74,3 +74,20 @@ def test_stage_uses_group_column(tmp_path, monkeypatch):
     df = pd.read_csv("folds/tiny.csv").merge(pd.read_csv("data/tiny/train.csv"),
                                              left_on="id", right_on="image_id")
     assert (df.groupby("site")["fold"].nunique() == 1).all()
+
+
+def test_multilabel_folds_stratify_every_label_and_regression_folds_stratify_bins():
+    rng = np.random.default_rng(0)
+    labels = (rng.random((200, 5)) < [0.5, 0.3, 0.1, 0.05, 0.6]).astype(np.float32)
+    fold = folds.assign_folds(labels, None, 4, "auto", seed=0, kind="labels")
+    assert set(fold) == {0, 1, 2, 3}
+    for j in range(5):  # every label in every fold, in about its share
+        counts = np.array([labels[fold == k, j].sum() for k in range(4)])
+        assert counts.min() > 0 and counts.max() - counts.min() <= 2
+    values = rng.normal(size=200) ** 3  # skewed: bins keep the tails spread over the folds
+    fold = folds.assign_folds(values, None, 4, "auto", seed=0, kind="values")
+    top = np.argsort(values)[-20:]
+    assert np.bincount(fold[top], minlength=4).min() >= 4
+    groups = np.arange(200) // 5
+    fold = folds.assign_folds(values, groups, 4, "auto", seed=0, kind="values")
+    assert all(len(set(fold[groups == g])) == 1 for g in np.unique(groups))

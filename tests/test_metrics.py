@@ -59,3 +59,31 @@ def test_fold_scores_score_each_fold_on_its_own_rows():
     folds = np.array([1, 0, 1, 0, 1])
     proba = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7], [0.1, 0.9]])
     assert metrics.fold_scores("accuracy", y, folds, proba) == {0: 0.5, 1: 2 / 3}
+
+
+def test_a_user_metric_is_imported_from_the_config_folder_and_called_with_ids(tiny):
+    from conftest import COMPETITION, write_yaml
+    from pipeline.config import load_competition
+
+    (tiny / "configs/tiny/my_metric.py").write_text(
+        "import numpy as np\n\n\ndef score(ids, truth, predictions):\n"
+        "    assert list(ids) == ['a', 'b', 'c', 'd']\n"
+        "    return float(np.mean(predictions.argmax(1) == truth))\n")
+    spec = {"file": "my_metric.py", "function": "score", "direction": "maximize"}
+    write_yaml(tiny / "configs/tiny/competition.yaml", {**COMPETITION, "metric": spec})
+    cfg = load_competition("configs/tiny/competition.yaml")
+    assert metrics.score(cfg.metric, Y, P, ids=["a", "b", "c", "d"]) == 0.75
+    assert metrics.name(cfg.metric) == "score:maximize" and metrics.direction(cfg.metric) == "maximize"
+    assert not (tiny / "configs/tiny/__pycache__").exists()
+
+
+@pytest.mark.parametrize("metric, truth, pred, expected", [
+    ("rmse", [1.0, 3.0], [[2.0], [3.0]], np.sqrt(0.5)),
+    ("mae", [1.0, 3.0], [[2.0], [3.0]], 0.5),
+    ("micro_f1", [[1.0, 0.0], [1.0, 1.0]], [[0.9, 0.6], [0.2, 0.7]], 2 * 2 / (2 * 2 + 1 + 1)),
+    ("samples_f1", [[1.0, 0.0], [1.0, 1.0]], [[0.9, 0.1], [0.2, 0.7]], (1 + 2 / 3) / 2),
+    ("roc_auc", [[1.0, 0.0], [0.0, 1.0]], [[0.9, 0.1], [0.2, 0.7]], 1.0),
+    ("qwk", [0.0, 1.0, 2.0], [[0.1], [1.2], [1.9]], 1.0),
+])
+def test_value_and_label_metrics(metric, truth, pred, expected):
+    assert metrics.score(metric, np.array(truth), np.array(pred)) == pytest.approx(expected)

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import ensemble, folds, metrics, predict, submit, train
+from pipeline import ensemble, folds, infer, metrics, package, predict, submit, train
 from task_data import make_task_competition
 
 MARGIN = {"accuracy": 0.3, "roc_auc": 0.25, "macro_f1": 0.3, "rmse": -1.0, "qwk": 0.4}
@@ -42,3 +42,24 @@ def test_each_task_learns_and_submits(tmp_path, monkeypatch, task):
     if task in ("multilabel", "ordinal"):
         th = weights["threshold_scores"]
         assert th["in_sample"] >= th["default"] and metrics.higher_is_better(metric)
+
+
+@pytest.mark.parametrize("task", ["multilabel", "ordinal"])
+def test_the_package_carries_task_and_thresholds_and_infers_submit_bytes(tmp_path, monkeypatch,
+                                                                          task):
+    monkeypatch.chdir(tmp_path)
+    make_task_competition(tmp_path, task, epochs=4)
+    ens = f"configs/{task}/ensemble.yaml"
+    folds.main([f"configs/{task}/competition.yaml"])
+    train.main([f"configs/{task}/lenet5.yaml"])
+    predict.main([f"configs/{task}/lenet5.yaml"])
+    ensemble.main([ens])
+    submit.main([ens])
+    package.main([ens])
+    infer.main([f"packages/{task}", "--test-images", f"data/{task}/test", "--sample-submission",
+                f"data/{task}/sample_submission.csv", "--out", "infer.csv"])
+    meta = json.loads((tmp_path / f"packages/{task}/package.json").read_text())
+    weights = json.loads((tmp_path / f"runs/{task}/ensemble/weights.json").read_text())
+    assert meta["task_spec"]["kind"] == task and meta["thresholds"] == weights["thresholds"]
+    assert (tmp_path / "infer.csv").read_bytes() == \
+        (tmp_path / f"submissions/{task}.csv").read_bytes()
