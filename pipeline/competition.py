@@ -284,7 +284,9 @@ def load_competition_data(cfg: CompetitionConfig) -> Competition:
     if cfg.task == "multilabel" and not train_classes:
         raise UserError(f"{train_path}: no row has a label in {d.target_column}")
     fmt = infer_submission_format(sample, train_classes, cfg, sample_path)
-    classes = list(fmt.columns) if fmt.kind == "proba" else train_classes
+    # a column per class or label: the sample's columns, in its order (a train label without
+    # one is refused as unknown; a column without train rows is a label never seen)
+    classes = list(fmt.columns) if fmt.kind in ("proba", "columns") else train_classes
     task = tasks.build(cfg, train, classes)
 
     train_paths, bad = _attach_paths(train["id"], ImageIndex(d.path("train_images"), d.image_suffix),

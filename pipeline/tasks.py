@@ -154,7 +154,8 @@ class Multilabel(Task):
     def build(cls, train, classes, cfg) -> Multilabel:
         task = cls(classes, cfg.data.label_separator)
         if getattr(cfg, "train", None) is not None and cfg.train.pos_weight == "balanced":
-            task.extra["pos_weight"] = _pos_weight(task.targets(train["target"]))
+            task.extra["pos_weight"] = _pos_weight(
+                task.targets(train["target"], cfg.data.path("train_csv")))
         return task
 
     def split(self, value: str) -> list[str]:

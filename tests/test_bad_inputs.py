@@ -120,6 +120,11 @@ TASK_CASES = [
         with_keys(r, task="multilabel", metric="micro_f1",
                   data={"target_columns": ["a", "b"]})),
      "train.csv: row 2: column 'b' holds '2', not 0 or 1"),
+    ("train label without a sample column", lambda r: (pd.DataFrame(
+        {"image_id": [f"te{i:03d}" for i in range(6)], "class_0": 0.5, "class_1": 0.5}).to_csv(
+        r / "data/tiny/sample_submission.csv", index=False),
+        with_keys(r, task="multilabel", metric="micro_f1")),
+     "sample_submission.csv: no column for label 'class_2'"),
     ("label columns for a single-label task", lambda r: with_keys(
         r, data={"target_columns": ["target"]}), "only for task multilabel"),
     ("format does not fit task", lambda r: with_keys(r, submission={"format": "labels"}),
