@@ -34,6 +34,15 @@ def _pos_weight(y: np.ndarray) -> list[float]:
     return [float((len(y) - p) / max(p, 1)) for p in np.atleast_1d(pos)]
 
 
+def _bce(logits, y, label_smoothing: float, pos_weight) -> torch.Tensor:
+    """BCE-with-logits on 0/1 (or mixed) targets, smoothed towards 0.5, positives weighted."""
+    y = y.float()
+    if label_smoothing:
+        y = y * (1 - label_smoothing) + 0.5 * label_smoothing
+    w = None if pos_weight is None else torch.tensor(pos_weight, device=logits.device)
+    return F.binary_cross_entropy_with_logits(logits, y, pos_weight=w)
+
+
 class Task:
     kind = ""
     simplex = False  # prediction rows are probabilities summing to 1
@@ -124,12 +133,7 @@ class Binary(Multiclass):
         return cls(classes, weight)
 
     def loss(self, logits, y, label_smoothing: float = 0.0):
-        y = y.float()
-        if label_smoothing:
-            y = y * (1 - label_smoothing) + 0.5 * label_smoothing
-        w = self.extra["pos_weight"]
-        w = None if w is None else torch.tensor(w, device=logits.device)
-        return F.binary_cross_entropy_with_logits(logits[:, 0], y, pos_weight=w)
+        return _bce(logits[:, 0], y, label_smoothing, self.extra["pos_weight"])
 
     def mix(self, mixer, x, y):
         return Task.mix(self, mixer, x, y)
@@ -172,12 +176,7 @@ class Multilabel(Task):
         return y
 
     def loss(self, logits, y, label_smoothing: float = 0.0):
-        y = y.float()
-        if label_smoothing:
-            y = y * (1 - label_smoothing) + 0.5 * label_smoothing
-        w = self.extra["pos_weight"]
-        w = None if w is None else torch.tensor(w, device=logits.device)
-        return F.binary_cross_entropy_with_logits(logits, y, pos_weight=w)
+        return _bce(logits, y, label_smoothing, self.extra["pos_weight"])
 
     def activate(self, logits):
         return torch.sigmoid(logits.float())
