@@ -189,7 +189,7 @@ def test_grayscale_channels_last_competition_runs_end_to_end(tiny):
     write_yaml(tiny / "configs/tiny/gray.yaml", {
         "competition": "competition.yaml", "data": {"channels": 1},
         "model": {"backbone": "lenet5"},
-        "train": {"epochs": 1, "batch_size": 8, "channels_last": True},
+        "train": {"epochs": 15, "batch_size": 4, "lr": 0.003, "channels_last": True},
         "augment": {"preset": "heavy", "cutmix_alpha": 1.0}, "tta": {"views": "hflip"}})
     folds.main(["configs/tiny/competition.yaml"])
     train.main(["configs/tiny/gray.yaml"])
@@ -203,7 +203,8 @@ def test_grayscale_channels_last_competition_runs_end_to_end(tiny):
     assert last.weight.is_contiguous(memory_format=torch.channels_last)
     assert not last.weight.is_contiguous()
     scores = json.loads((cfg.run_dir / "scores.json").read_text())
-    assert 0 <= scores["cv"] <= 1 and "cv_tta" in scores
+    # it learns from one channel: three classes, the prior scores 1/3
+    assert scores["cv"] > scores["baseline_cv"] + 0.3 and "cv_tta" in scores
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
