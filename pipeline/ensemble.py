@@ -233,17 +233,17 @@ def evaluate(cfg: EnsembleConfig, data: Inputs, study: optuna.Study) -> dict:
         metric, y, folds, blend.blend(oof, tuned.weights, tuned.mode, folds))
     if nested:
         per_fold["nested-CV tuned"] = nested.per_fold
+    blended = blend.blend(oof, weights, mode, folds)
     return dict(
         metric=metrics.name(metric), experiments=data.names, choice=choice, decision=decision,
-        weights=named(weights), mode=mode,
-        cv=metrics.score(metric, y, blend.blend(oof, weights, mode, folds)),
+        weights=named(weights), mode=mode, cv=metrics.score(metric, y, blended),
         tuned_weights=named(tuned.weights), tuned_mode=tuned.mode,
         tuned_in_sample_cv=tuned.score, nested_cv=nested.score if nested else None,
         equal_weights_cv=equal_cv, single_cv=single, best_single=metrics.best_key(metric, single),
         nested_fold_weights={f: named(w) for f, w in nested.weights.items()} if nested else {},
         nested_fold_modes=nested.modes if nested else {},
         per_fold=per_fold, trials=len(study.trials),
-        **decision_thresholds(cfg, data, blend.blend(oof, weights, mode, folds)))
+        **decision_thresholds(cfg, data, blended))
 
 
 def decision_thresholds(cfg: EnsembleConfig, data: Inputs, blended: np.ndarray) -> dict:

@@ -15,6 +15,7 @@ prediction array as above.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
 from pathlib import Path
@@ -32,10 +33,18 @@ DECISION_METRICS = {"accuracy", "macro_f1", "micro_f1", "samples_f1", "mean_f1",
 
 
 def load_user_metric(spec):
-    """The user metric's function, imported from its file; a one-line UserError if absent."""
+    """The user metric's function, imported from its file once per process (every OOF score,
+    epoch and blend trial calls it); a one-line UserError if absent."""
     path = Path(spec.file)
     if not path.is_file():
         raise UserError(f"metric.file: {path} not found")
+    return _user_function(path, spec.function, path.resolve(), path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def _user_function(path: Path, function: str, *identity):
+    """`function` of the file at `path` (as the config names it); `identity` (the resolved
+    path and the modification time) keeps files of other folders or edited since apart."""
     module_spec = importlib.util.spec_from_file_location(f"user_metric_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
     saved, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # no __pycache__ in configs/
@@ -46,9 +55,9 @@ def load_user_metric(spec):
             from None
     finally:
         sys.dont_write_bytecode = saved
-    fn = getattr(module, spec.function, None)
+    fn = getattr(module, function, None)
     if not callable(fn):
-        raise UserError(f"metric.function: {path} has no function {spec.function!r}")
+        raise UserError(f"metric.function: {path} has no function {function!r}")
     return fn
 
 

@@ -1,8 +1,11 @@
 """Metrics: values on toy cases and the optimisation direction of each."""
+import os
+
 import numpy as np
 import pytest
 
 from pipeline import metrics
+from pipeline.errors import UserError
 
 Y = np.array([0, 1, 2, 2])
 P = np.array([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.2, 0.3, 0.5], [0.5, 0.1, 0.4]])
@@ -75,6 +78,13 @@ def test_a_user_metric_is_imported_from_the_config_folder_and_called_with_ids(ti
     assert metrics.score(cfg.metric, Y, P, ids=["a", "b", "c", "d"]) == 0.75
     assert metrics.name(cfg.metric) == "score:maximize" and metrics.direction(cfg.metric) == "maximize"
     assert not (tiny / "configs/tiny/__pycache__").exists()
+    fn = metrics.load_user_metric(cfg.metric)
+    assert metrics.load_user_metric(cfg.metric) is fn  # imported once, not per score
+    path = tiny / "configs/tiny/my_metric.py"
+    path.write_text(path.read_text().replace("def score", "def renamed"))
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    with pytest.raises(UserError, match="has no function 'score'"):  # an edited file is reread
+        metrics.load_user_metric(cfg.metric)
 
 
 @pytest.mark.parametrize("metric, truth, pred, expected", [
