@@ -61,9 +61,18 @@ def write_text(text: str, path: str | os.PathLike) -> None:
         tmp.write_text(text)
 
 
+def sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read a MiB at a time (weights files can be large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def file_hash(path: str | os.PathLike) -> str:
     """Short sha256 of a file's bytes."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    return sha256(path)[:16]
 
 
 def text_hash(text: str) -> str:

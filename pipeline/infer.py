@@ -26,12 +26,12 @@ import torch
 from tqdm import tqdm
 
 from pipeline import blend, cpu, inference, tta, tasks, thresholds
-from pipeline.artifacts import as_written
+from pipeline.artifacts import as_written, sha256
 from pipeline.competition import SubmissionFormat, find_images, read_table
 from pipeline.device import resolve_device
 from pipeline.errors import UserError, cli
 from pipeline.images import decode, resize
-from pipeline.package import BLEND, MANIFEST, PACKAGE, SETTINGS, sha256, versions
+from pipeline.package import BLEND, MANIFEST, PACKAGE, SETTINGS, versions
 from pipeline.submit import format_submission, write_submission
 
 DECODE_THREADS = 4  # PIL and cv2 release the GIL

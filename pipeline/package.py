@@ -11,7 +11,6 @@ replaced by a complete one.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import platform
 import shutil
@@ -26,7 +25,7 @@ import timm
 import torch
 
 from pipeline import inference, predict
-from pipeline.artifacts import write_json
+from pipeline.artifacts import sha256, write_json
 from pipeline.competition import Competition, load_competition_data
 from pipeline.config import EnsembleConfig, load_ensemble, load_experiment
 from pipeline.errors import UserError, cli, stage_args
@@ -40,14 +39,6 @@ def versions() -> dict[str, str]:
     return dict(python=platform.python_version(), torch=torch.__version__,
                 timm=timm.__version__, albumentations=albumentations.__version__,
                 numpy=np.__version__)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def manifest(root: Path, created: dict) -> dict:
