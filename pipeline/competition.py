@@ -228,11 +228,16 @@ def label_columns(train: pd.DataFrame, cfg: CompetitionConfig, path: Path) -> li
     return found
 
 
+def label_names(columns: list[str], cfg: CompetitionConfig) -> list[str]:
+    """The labels the 0/1 columns stand for: their names, less `data.target_prefix`."""
+    prefix = cfg.data.target_prefix if cfg.data.target_columns is None else ""
+    return [c[len(prefix):] for c in columns]
+
+
 def join_label_columns(train: pd.DataFrame, columns: list[str], cfg: CompetitionConfig,
                        path: Path) -> pd.Series:
     """0/1 label columns -> one column of the labels present, joined by the separator."""
-    prefix = cfg.data.target_prefix if cfg.data.target_columns is None else ""
-    names = [c[len(prefix):] for c in columns]
+    names = label_names(columns, cfg)
     values = train[columns].apply(lambda col: col.str.strip())
     for col in columns:
         bad = ~values[col].isin(["0", "1", "0.0", "1.0"])
@@ -279,8 +284,7 @@ def load_competition_data(cfg: CompetitionConfig) -> Competition:
     _check_unique(sample[sample.columns[0]], sample_path)
     train_classes = tasks.label_set(train, cfg)
     if cfg.task == "multilabel" and label_cols is not None:
-        prefix = d.target_prefix if d.target_columns is None else ""
-        train_classes = [c[len(prefix):] for c in label_cols]
+        train_classes = label_names(label_cols, cfg)
     if cfg.task == "multilabel" and not train_classes:
         raise UserError(f"{train_path}: no row has a label in {d.target_column}")
     fmt = infer_submission_format(sample, train_classes, cfg, sample_path)

@@ -82,14 +82,20 @@ def value_grades(y: np.ndarray, pred: np.ndarray, thresholds=None) -> tuple[np.n
     values = np.asarray(pred).reshape(-1)
     if thresholds is None:
         return np.rint(y), np.clip(np.rint(values), np.rint(y).min(), np.rint(y).max())
-    grades, cuts = (np.asarray(t, dtype=np.float64) for t in thresholds)
-    return np.rint(y), grades[np.searchsorted(cuts, values, side="right")]
+    return np.rint(y), grade_of(values, *thresholds)
 
 
-def decisions(y: np.ndarray, pred: np.ndarray, thresholds=None) -> np.ndarray:
+def grade_of(values: np.ndarray, grades, cuts) -> np.ndarray:
+    """The grade of each value: the one whose interval between the sorted cut points holds it."""
+    grades, cuts = np.asarray(grades, dtype=np.float64), np.asarray(cuts, dtype=np.float64)
+    return grades[np.searchsorted(cuts, np.asarray(values).reshape(-1), side="right")]
+
+
+def decisions(pred: np.ndarray, thresholds=None, per_label: bool = False) -> np.ndarray:
     """Hard decisions of probability predictions: class index (argmax, or the positive class at
-    a scalar threshold for two classes) or 0/1 per label (at per-label thresholds)."""
-    if y.ndim == 2:
+    a scalar threshold for two classes) or, `per_label`, 0/1 per label (at per-label
+    thresholds)."""
+    if per_label:
         t = 0.5 if thresholds is None else np.asarray(thresholds, dtype=np.float64)
         return (pred >= t).astype(np.int64)
     if thresholds is not None and pred.shape[1] == 2:
@@ -121,7 +127,7 @@ def _classes(metric: str, y, proba, thresholds) -> float:
         if proba.shape[1] == 2:
             return float(roc_auc_score(y, proba[:, 1]))
         return float(roc_auc_score(y, proba, multi_class="ovr", labels=labels))
-    hard = decisions(y, proba, thresholds)
+    hard = decisions(proba, thresholds)
     if metric == "accuracy":
         return float(accuracy_score(y, hard))
     if metric == "qwk":
@@ -139,7 +145,7 @@ def _multilabel(metric: str, y, proba, thresholds) -> float:
     if metric == "roc_auc":  # mean column AUC over the labels with both outcomes present
         cols = [j for j in range(y.shape[1]) if 0 < y[:, j].sum() < len(y)]
         return float(np.mean([roc_auc_score(y[:, j], proba[:, j]) for j in cols]))
-    hard = decisions(y, proba, thresholds)
+    hard = decisions(proba, thresholds, per_label=True)
     average = {"macro_f1": "macro", "mean_f1": "macro", "micro_f1": "micro",
                "samples_f1": "samples"}.get(metric)
     if average is None:

@@ -56,19 +56,19 @@ def format_submission(fmt: SubmissionFormat, task, ids: list[str], pred: np.ndar
         spelled = dict(zip(task.grades.tolist(), grade_names(task)))
         out[fmt.columns[0]] = [spelled[g] for g in grades.tolist()]
     elif fmt.kind == "label":
-        hard = metrics.decisions(np.zeros(len(pred), dtype=np.int64), pred, thresholds)
+        hard = metrics.decisions(pred, thresholds)
         out[fmt.columns[0]] = np.asarray(classes, dtype=object)[hard]
     elif fmt.kind == "binary_proba":
         out[fmt.columns[0]] = pred[:, classes.index(fmt.positive_class)]
     elif fmt.kind == "value":
         out[fmt.columns[0]] = pred[:, 0]
     elif fmt.kind == "labels":
-        hard = metrics.decisions(np.zeros((len(pred), 1)), pred, thresholds)
+        hard = metrics.decisions(pred, thresholds, per_label=True)
         sep = task.extra["separator"]
         out[fmt.columns[0]] = [sep.join(c for c, on in zip(classes, row) if on) for row in hard]
     else:  # proba, columns
         if fmt.binary_columns:
-            pred = metrics.decisions(np.zeros((len(pred), 1)), pred, thresholds)
+            pred = metrics.decisions(pred, thresholds, per_label=True)
         col = {c: i for i, c in enumerate(classes)}
         for name in fmt.columns:
             out[name] = pred[:, col[name]]

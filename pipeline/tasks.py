@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
 
+from pipeline import metrics
 from pipeline.errors import UserError
 
 KINDS = ("multiclass", "binary", "multilabel", "regression", "ordinal")
@@ -258,8 +259,7 @@ class Ordinal(Regression):
 
     def grade(self, values: np.ndarray, cuts: np.ndarray | None = None) -> np.ndarray:
         """Grade of each value: the grade whose interval between cut points holds it."""
-        cuts = self.cuts() if cuts is None else np.asarray(cuts)
-        return self.grades[np.searchsorted(cuts, np.asarray(values).reshape(-1), side="right")]
+        return metrics.grade_of(values, self.grades, self.cuts() if cuts is None else cuts)
 
 
 def numeric(values: pd.Series, source) -> np.ndarray:

@@ -24,8 +24,8 @@ def kind(metric, task) -> str | None:
         return "labels"
     if task.kind == "binary" and metric != "qwk":
         return "binary"
-    if task.kind in ("ordinal", "regression") and metric in ("qwk", "accuracy"):
-        return "cuts" if task.kind == "ordinal" else None
+    if task.kind == "ordinal" and metric in ("qwk", "accuracy"):
+        return "cuts"
     return None
 
 
