@@ -2,6 +2,7 @@
 versions, host, device and precision. Written to runs/<comp>/<exp>/provenance.json."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import platform
 import socket
@@ -13,8 +14,10 @@ CODE = Path(__file__).resolve().parent  # the pipeline package
 PACKAGES = ("torch", "timm", "albumentations", "optuna")
 
 
+@functools.lru_cache(maxsize=None)
 def code_hash(folder: Path = CODE) -> str:
-    """Hash of every .py file under `folder` (names and bytes): changes with the code."""
+    """Hash of every .py file under `folder` (names and bytes): changes with the code. Read once
+    per process: the code this process runs (the leaderboard asks once per row)."""
     h = hashlib.sha256()
     for path in sorted(folder.rglob("*.py")):
         h.update(f"{path.relative_to(folder)}\n".encode())
