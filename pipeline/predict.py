@@ -17,23 +17,14 @@ import torch
 from pipeline import experiment_report, inference, metrics, tta
 from pipeline.artifacts import write_csv, write_json
 from pipeline.config import ExperimentConfig, load_experiment
-from pipeline.data import CachedImages, make_loader
 from pipeline.errors import UserError, cli, stage_args
 from pipeline.images import image_cache
-from pipeline.train import Setup, load_fold_model, prepare, proba_frame
+from pipeline.train import Setup, cache_batches, load_fold_model, prepare, proba_frame
 
 
 def settings(s: Setup, view_sets: list[str]) -> inference.Settings:
     """The experiment's inference settings for `view_sets`."""
     return inference.experiment_settings(s.cfg, s.spec, s.comp.task, view_sets)
-
-
-def cache_batches(images: np.ndarray, rows: np.ndarray, s: Setup, settings: inference.Settings):
-    """The cache rows as uint8 batches of `settings.images_per_batch` images, in order."""
-    loader = make_loader(CachedImages(images, rows, None), settings.images_per_batch, False,
-                         s.cfg.train.num_workers, 0, background=None if not s.rt.cuda else False,
-                         pin_memory=s.rt.cuda)
-    return (x for x, _ in loader)
 
 
 def predict_rows(model: torch.nn.Module, images: np.ndarray, rows: np.ndarray, s: Setup,
@@ -44,7 +35,8 @@ def predict_rows(model: torch.nn.Module, images: np.ndarray, rows: np.ndarray, s
     go through the model in one forward pass.
     """
     st = settings(s, view_sets)
-    out = inference.predict_batches([model], cache_batches(images, rows, s, st), st, s.rt)
+    out = inference.predict_batches([model], cache_batches(s, images, rows, st.images_per_batch),
+                                    st, s.rt)
     return {v: per_model[0] for v, per_model in out.items()}
 
 
@@ -94,7 +86,7 @@ def predict_test(s: Setup, view_sets: list[str]) -> dict[str, np.ndarray]:
                               cfg.data.cache_dir)
     st = settings(s, view_sets)
     models = [load_fold_model(s, cfg.run_dir / f"fold{k}") for k in range(cfg.folds.n_splits)]
-    batches = cache_batches(test_images, np.arange(len(s.comp.test)), s, st)
+    batches = cache_batches(s, test_images, np.arange(len(s.comp.test)), st.images_per_batch)
     predicted = inference.predict_batches(models, batches, st, s.rt)
     return {v: tta.average_folds(p) for v, p in predicted.items()}
 

@@ -8,6 +8,7 @@ Runs where `device` says; under `torchrun` on several processes (pipeline.device
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 from pipeline import cpu, device, finetune, inference, metrics, provenance, runs
 from pipeline.artifacts import atomic_path, file_hash, write_csv, write_json, write_text
-from pipeline.augment import eval_transform, mixer, train_transform
+from pipeline.augment import mixer, train_transform
 from pipeline.competition import Competition, load_competition_data
 from pipeline.config import ExperimentConfig, TrainConfig, config_hash, load_experiment
 from pipeline.data import (CachedImages, DeviceBatches, EpochLoaders, make_loader,
@@ -89,23 +90,29 @@ def device_batches(s: Setup, loader) -> DeviceBatches:
     return DeviceBatches(loader, s.rt, s.spec, s.cfg.train.channels_last)
 
 
+def cache_batches(s: Setup, images: np.ndarray, rows: np.ndarray, batch: int):
+    """Cache rows as uint8 batches of `batch` whole cached images, in order (pinned on a GPU)."""
+    loader = make_loader(CachedImages(images, rows, None), batch, False, s.cfg.train.num_workers,
+                         0, background=None if not s.rt.cuda else False, pin_memory=s.rt.cuda)
+    return (x for x, _ in loader)
+
+
 def predict_proba(s: Setup, model, rows: np.ndarray) -> np.ndarray:
     """The task's predictions (float64: probabilities, or values) of the centre crops of cache
-    `rows`.
+    `rows`, `train.eval_batch_size` at a time: the one inference path (pipeline.inference) with
+    the plain view.
 
     Under torchrun each rank predicts its share of the rows and every rank gets them all.
     """
-    ds = CachedImages(s.images, s.rt.shard(rows), None, eval_transform(s.cfg.image_size))
-    loader = make_loader(ds, s.cfg.train.eval_batch_size, False, s.cfg.train.num_workers, 0,
-                         background=None if not s.rt.cuda else False, pin_memory=s.rt.cuda)
+    plain = dataclasses.replace(
+        inference.experiment_settings(s.cfg, s.spec, s.comp.task, ["none"]), merge="mean",
+        max_batch=s.cfg.train.eval_batch_size)
+    shard = s.rt.shard(rows)
+    if not len(shard):  # under torchrun, a rank with no rows of its own
+        return s.rt.gather_rows(np.zeros((0, len(s.comp.classes))))
     model.eval()
-    out = []
-    with torch.inference_mode(), s.rt.autocast():
-        for x, _ in device_batches(s, loader):
-            out.append(s.comp.task.activate(model(x)).cpu())
-    proba = torch.cat(out).numpy().astype(np.float64) if out else \
-        np.zeros((0, len(s.comp.classes)))
-    return s.comp.task.finish(s.rt.gather_rows(proba))
+    batches = cache_batches(s, s.images, shard, plain.images_per_batch)
+    return s.rt.gather_rows(inference.predict_batches([model], batches, plain, s.rt)["none"][0])
 
 
 def _save_weights(path: Path, model: torch.nn.Module) -> None:
