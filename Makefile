@@ -92,10 +92,10 @@ leaderboard: | $(SETUP) ## every experiment and past version of COMP, sorted by 
 
 prune: | $(SETUP) ## keep only the KEEP newest past versions of each experiment of COMP
 	@test -n "$(KEEP)" || { echo "KEEP is not set: e.g. make prune COMP=$(COMP) KEEP=3 (0 keeps only the current runs)"; exit 2; }
-	$(PY) -m pipeline.runs $(CONF)/competition.yaml --keep $(KEEP)
+	$(PY) -m pipeline.prune $(CONF)/competition.yaml --keep $(KEEP)
 
 $(LITE0): | $(SETUP)
-	$(PY) -m pipeline.weights $@
+	$(PY) -m pipeline.imagenet $@
 
 weights: $(LITE0) ## convert the bundled ImageNet EfficientNet-Lite0 weights to timm format
 

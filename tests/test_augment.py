@@ -13,10 +13,12 @@ from PIL import Image
 from timm.loss import SoftTargetCrossEntropy
 
 from conftest import write_yaml
-from pipeline import augment, batch_augment, preview
-from pipeline.config import AugmentConfig, load_experiment
-from pipeline.data import CachedImages, PerImage
-from pipeline.errors import UserError
+from pipeline import preview
+from pipeline.data import augment, batch_augment
+from pipeline.reports import preview as preview_grid
+from pipeline.core.config import AugmentConfig, load_experiment
+from pipeline.data.loader import CachedImages, PerImage
+from pipeline.core.errors import UserError
 
 
 def _smooth_image(side=40, seed=0) -> np.ndarray:
@@ -260,11 +262,11 @@ def test_preview_writes_a_grid_of_the_expected_size(tiny, capsys, channels):
     path = capsys.readouterr().out.strip()
     assert path.endswith("runs/tiny/mixed/preview.png")
     img = Image.open(path)
-    assert img.size == preview.grid_size(8, 1 + 6 + 1) and img.mode == "RGB"
+    assert img.size == preview_grid.grid_size(8, 1 + 6 + 1) and img.mode == "RGB"
     grid = np.asarray(img)
-    first = grid[preview.HEADER + preview.GAP: preview.HEADER + preview.GAP + preview.CELL,
-                 preview.GAP: preview.GAP + preview.CELL]
+    p = preview_grid
+    first = grid[p.HEADER + p.GAP: p.HEADER + p.GAP + p.CELL, p.GAP: p.GAP + p.CELL]
     assert first.std() > 0  # an image was drawn, not a blank cell
     cfg = load_experiment("configs/tiny/mixed.yaml")
-    _, views = preview.sample_views(cfg, 3, 2)
+    _, views = preview_grid.sample_views(cfg, 3, 2)
     assert views.shape == (3, 1 + 2 + 1, channels, 16, 16)

@@ -4,7 +4,8 @@ import threading
 import pytest
 
 from conftest import EXPERIMENT, write_yaml
-from pipeline import data, folds
+from pipeline import folds
+from pipeline.data import loader as data
 from pipeline.bench import data_path, tta
 
 

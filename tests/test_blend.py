@@ -2,7 +2,10 @@
 import numpy as np
 import pytest
 
-from pipeline import blend, metrics
+from pipeline.blending import blend, search
+from pipeline.core import metrics, tasks
+
+TASK = tasks.Multiclass(("a", "b", "c"))
 
 # Two models, three rows, two classes.
 A = np.array([[0.2, 0.8], [0.6, 0.4], [0.9, 0.1]])
@@ -87,22 +90,22 @@ def test_unknown_mode_is_refused():
 
 def test_tune_stores_simplex_weights_on_every_trial_and_minimises_log_loss():
     p, y, _ = noisy_models()
-    study = blend.new_study("log_loss", 0)
-    tuned = blend.tune(p, y, "log_loss", 30, ("mean",), study)
+    study = search.new_study("log_loss", 0)
+    tuned = search.tune(p, y, TASK, "log_loss", 30, ("mean",), study)
     assert len(study.trials) == 30 and study.direction.name == "MINIMIZE"
     for t in study.trials:
         w = np.array(t.user_attrs["weights"])
         assert (w >= 0).all() and w.sum() == pytest.approx(1.0) and t.user_attrs["mode"] == "mean"
     np.testing.assert_allclose(study.trials[0].user_attrs["weights"], [1 / 3] * 3)  # equal first
     assert tuned.score == min(t.value for t in study.trials)
-    assert tuned.score == pytest.approx(metrics.score("log_loss", y, blend.blend(p, tuned.weights, "mean")))
+    assert tuned.score == pytest.approx(metrics.score("log_loss", TASK, y, blend.blend(p, tuned.weights, "mean")))
     assert tuned.score < study.trials[0].value
 
 
 def test_tune_is_deterministic_for_a_seed_and_tunes_the_mode_as_a_categorical():
     p, y, _ = noisy_models(n=300)
-    studies = [blend.new_study("log_loss", 7) for _ in range(2)]
-    runs = [blend.tune(p, y, "log_loss", 25, blend.MODES, study) for study in studies]
+    studies = [search.new_study("log_loss", 7) for _ in range(2)]
+    runs = [search.tune(p, y, TASK, "log_loss", 25, blend.MODES, study) for study in studies]
     assert runs[0].weights.tolist() == runs[1].weights.tolist() and runs[0].mode == runs[1].mode
     tried = {t.params["mode"] for t in studies[0].trials}
     assert tried == set(blend.MODES) and runs[0].mode in blend.MODES
@@ -110,20 +113,20 @@ def test_tune_is_deterministic_for_a_seed_and_tunes_the_mode_as_a_categorical():
 
 def test_tune_counts_the_trials_already_in_the_study():
     p, y, _ = noisy_models(n=200)
-    study = blend.new_study("accuracy", 0)
-    blend.tune(p, y, "accuracy", 12, ("mean",), study)
-    blend.tune(p, y, "accuracy", 12, ("mean",), study)  # a rerun on a finished study
+    study = search.new_study("accuracy", 0)
+    search.tune(p, y, TASK, "accuracy", 12, ("mean",), study)
+    search.tune(p, y, TASK, "accuracy", 12, ("mean",), study)  # a rerun on a finished study
     assert len(study.trials) == 12
 
 
 def test_nested_cv_drives_the_weight_of_a_pure_noise_model_to_zero():
     p, y, folds = noisy_models()
-    nested = blend.nested_cv(p, y, folds, "log_loss", 40, ("mean",), seed=0)
+    nested = search.nested_cv(p, y, TASK, folds, "log_loss", 40, ("mean",), seed=0)
     assert sorted(nested.weights) == [0, 1, 2] and set(nested.modes.values()) == {"mean"}
     for w in nested.weights.values():
         assert w[2] < 0.02 and w.sum() == pytest.approx(1.0)
     # held-out fold f is blended with the weights tuned without it
     rows = folds == 1
     np.testing.assert_allclose(nested.held_out[rows], blend.blend(p[:, rows], nested.weights[1], "mean"))
-    assert nested.per_fold[1] == pytest.approx(metrics.score("log_loss", y[rows], nested.held_out[rows]))
-    assert nested.score < metrics.score("log_loss", y, blend.blend(p, blend.equal_weights(3), "mean"))
+    assert nested.per_fold[1] == pytest.approx(metrics.score("log_loss", TASK, y[rows], nested.held_out[rows]))
+    assert nested.score < metrics.score("log_loss", TASK, y, blend.blend(p, blend.equal_weights(3), "mean"))

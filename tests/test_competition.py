@@ -4,9 +4,9 @@ import pandas as pd
 import pytest
 
 from conftest import make_competition
-from pipeline.competition import load_competition_data
-from pipeline.config import load_competition
-from pipeline.errors import UserError
+from pipeline.core.competition import load_competition_data
+from pipeline.core.config import load_competition
+from pipeline.core.errors import UserError
 
 
 def load(overrides=()):
@@ -23,11 +23,11 @@ def test_reads_ids_classes_paths_and_label_format(tiny):
     comp = load()
     assert comp.classes == ("class_0", "class_1", "class_2")
     assert len(comp.train) == 24 and comp.train["path"].str.endswith(".png").all()
-    assert comp.submission.kind == "label" and comp.submission.id_column == "image_id"
+    assert comp.submission.format == "label" and comp.submission.id_column == "image_id"
     assert comp.submission.columns == ("target",)
     sample = pd.read_csv("data/tiny/sample_submission.csv")
     assert list(comp.test["id"]) == list(sample["image_id"])  # sample_submission's order
-    assert list(comp.targets()[:8]) == [0] * 8
+    assert list(comp.y[:8]) == [0] * 8
 
 
 def proba_sample(root, columns):
@@ -39,7 +39,7 @@ def proba_sample(root, columns):
 def test_probability_format_takes_sample_column_order(tiny):
     proba_sample(tiny, ["class_2", "class_0", "class_1"])
     comp = load()
-    assert comp.submission.kind == "proba"
+    assert comp.submission.format == "proba"
     assert comp.classes == ("class_2", "class_0", "class_1")
 
 
@@ -51,7 +51,7 @@ def test_binary_probability_format(tmp_path, monkeypatch):
     from conftest import COMPETITION, write_yaml
     write_yaml(tmp_path / "configs/tiny/competition.yaml", COMPETITION)
     comp = load()
-    assert comp.submission.kind == "binary_proba" and comp.submission.positive_class == "class_1"
+    assert comp.submission.format == "binary_proba" and comp.submission.positive_class == "class_1"
 
 
 def test_ids_with_extension_and_nested_folders(tiny):
@@ -123,7 +123,7 @@ def test_group_column_must_exist(tiny):
 
 def test_multilabel_targets_from_label_columns_and_from_one_separated_column(tiny):
     from conftest import COMPETITION, write_yaml
-    from pipeline.config import load_competition
+    from pipeline.core.config import load_competition
 
     train = pd.read_csv("data/tiny/train.csv", dtype=str)
     train["lab_cat"] = ["1", "0"] * 12
@@ -137,11 +137,11 @@ def test_multilabel_targets_from_label_columns_and_from_one_separated_column(tin
     comp = load_competition_data(load_competition("configs/tiny/competition.yaml"))
     assert comp.classes == ("cat", "dog") and comp.y.dtype == np.float32
     assert comp.y[:3].tolist() == [[1, 1], [0, 1], [1, 0]]
-    assert comp.submission.kind == "columns" and comp.submission.binary_columns
+    assert comp.submission.format == "columns" and comp.submission.binary_columns
     train.assign(target=["cat dog", "dog", "cat", ""] * 6).to_csv("data/tiny/train.csv", index=False)
     pd.DataFrame({"image_id": [f"te{i:03d}" for i in range(6)], "tags": ""}).to_csv(
         "data/tiny/sample_submission.csv", index=False)
     write_yaml(tiny / "configs/tiny/competition.yaml",
                {**COMPETITION, "task": "multilabel", "metric": "micro_f1"})
     comp = load_competition_data(load_competition("configs/tiny/competition.yaml"))
-    assert comp.submission.kind == "labels" and comp.y[:4].tolist() == [[1, 1], [0, 1], [1, 0], [0, 0]]
+    assert comp.submission.format == "labels" and comp.y[:4].tolist() == [[1, 1], [0, 1], [1, 0], [0, 0]]

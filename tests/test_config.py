@@ -3,8 +3,9 @@ import pytest
 import yaml
 
 from conftest import write_yaml
-from pipeline.config import apply_overrides, config_hash, load_ensemble, load_experiment
-from pipeline.errors import UserError
+from pipeline.core import layout
+from pipeline.core.config import apply_overrides, config_hash, load_ensemble, load_experiment
+from pipeline.core.errors import UserError
 
 
 def test_experiment_merges_competition_and_overrides(tiny):
@@ -13,7 +14,7 @@ def test_experiment_merges_competition_and_overrides(tiny):
     assert cfg.data.id_column == "image_id" and cfg.image_size == 16
     assert cfg.train.epochs == 7 and cfg.train.batch_size == 8
     assert cfg.augment.preset == "heavy"
-    assert str(cfg.run_dir) == "runs/tiny/lenet5"
+    assert str(layout.Run.of(cfg.name, cfg.experiment).dir) == "runs/tiny/lenet5"
 
 
 def test_experiment_overrides_competition_keys(tiny):
@@ -79,7 +80,7 @@ def test_ensemble_config_and_hash(tiny):
 
 
 def test_shared_override_list_serves_every_stage(tiny):
-    from pipeline.config import load_competition
+    from pipeline.core.config import load_competition
     sets = ["train.epochs=3", "trials=9", "seed=5"]
     assert load_competition("configs/tiny/competition.yaml", sets).seed == 5
     assert load_experiment("configs/tiny/lenet5.yaml", sets).train.epochs == 3
@@ -108,4 +109,4 @@ def test_a_copied_config_folder_must_not_keep_the_old_name(tiny, capsys):
     write_yaml(tiny / "configs/tiny2/lenet5.yaml", {"competition": "competition.yaml",
                                                     "model": {"backbone": "lenet5"}})
     cfg = load_experiment("configs/tiny2/lenet5.yaml")
-    assert cfg.name == "tiny2" and str(cfg.run_dir) == "runs/tiny2/lenet5"
+    assert cfg.name == "tiny2" and str(layout.Run.of(cfg.name, cfg.experiment).dir) == "runs/tiny2/lenet5"

@@ -14,12 +14,15 @@ import pytest
 import torch
 
 from conftest import write_yaml
-from pipeline import cpu, data, folds, predict, train
-from pipeline.augment import train_transform
-from pipeline.config import AugmentConfig, load_experiment
-from pipeline.data import (CachedImages, EpochLoaders, Prefetched, channel_stats, make_loader,
+from pipeline import folds, predict, train
+from pipeline.data import loader as data
+from pipeline.runtime import cpu
+from pipeline.training.experiment import prepare
+from pipeline.data.augment import train_transform
+from pipeline.core.config import AugmentConfig, load_experiment
+from pipeline.data.loader import (CachedImages, EpochLoaders, Prefetched, channel_stats, make_loader,
                            normalize)
-from pipeline.models import InputSpec
+from pipeline.models.factory import InputSpec
 
 SPEC = InputSpec((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 1.0)
 
@@ -195,14 +198,14 @@ def test_grayscale_channels_last_competition_runs_end_to_end(tiny):
     train.main(["configs/tiny/gray.yaml"])
     predict.main(["configs/tiny/gray.yaml"])
     cfg = load_experiment("configs/tiny/gray.yaml")
-    s = train.prepare(cfg)
+    s = prepare(cfg)
     assert s.images.shape[1:] == (16, 16, 1)
-    model = train.load_fold_model(s, cfg.run_dir / "fold0")
+    model = s.fold_model(0)
     first, *_, last = (m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     assert first.in_channels == 1
     assert last.weight.is_contiguous(memory_format=torch.channels_last)
     assert not last.weight.is_contiguous()
-    scores = json.loads((cfg.run_dir / "scores.json").read_text())
+    scores = json.loads(s.run.scores.read_text())
     # it learns from one channel: three classes, the prior scores 1/3
     assert scores["cv"] > scores["baseline_cv"] + 0.3 and "cv_tta" in scores
 

@@ -16,11 +16,14 @@ import torch
 
 from conftest import COMPETITION, EXPERIMENT, make_competition, write_yaml
 from pipeline import folds, train
-from pipeline.config import load_experiment
-from pipeline.data import CachedImages, make_loader
-from pipeline.device import Runtime, resolve_precision, runtime
-from pipeline.augment import train_transform
-from pipeline.config import AugmentConfig
+from pipeline.training.experiment import Experiment, prepare
+from pipeline.training.kfold import train_experiment
+from pipeline.training.loop import augment_on_device, train_fold
+from pipeline.core.config import load_experiment
+from pipeline.data.loader import CachedImages, make_loader
+from pipeline.runtime.device import Runtime, resolve_precision, runtime
+from pipeline.data.augment import train_transform
+from pipeline.core.config import AugmentConfig
 
 REPO = Path(__file__).resolve().parents[1]
 # LeNet-5 has no BatchNorm and no dropout: one process and two see the same arithmetic
@@ -136,20 +139,20 @@ def test_rank_shards_of_a_global_batch_are_the_one_process_batch():
     assert not set(ranks[0][0][1].tolist()) & set(ranks[1][0][1].tolist())
 
 
-def setup(tiny, **train_cfg) -> train.Setup:
+def setup(tiny, **train_cfg) -> Experiment:
     write_yaml(tiny / "configs/tiny/exp.yaml",
                {**EXPERIMENT, "train": {**EXPERIMENT["train"], **train_cfg}})
     folds.main(["configs/tiny/competition.yaml"])
-    return train.prepare(load_experiment("configs/tiny/exp.yaml"))
+    return prepare(load_experiment("configs/tiny/exp.yaml"))
 
 
 def test_gradient_accumulation_equals_the_larger_batch(tiny):
     plain = setup(tiny, batch_size=8, epochs=3)
-    train.train_fold(plain, 0, tiny / "plain")
+    train_fold(plain, 0, tiny / "plain")
     accumulated = setup(tiny, batch_size=4, accumulate=2, epochs=3)
-    train.train_fold(accumulated, 0, tiny / "accumulated")
-    a = train.fold_oof(plain, 0, tiny / "plain")
-    b = train.fold_oof(accumulated, 0, tiny / "accumulated")
+    train_fold(accumulated, 0, tiny / "accumulated")
+    a = plain.fold_oof(0, tiny / "plain" / "best.safetensors")
+    b = accumulated.fold_oof(0, tiny / "accumulated" / "best.safetensors")
     cols = ["class_0", "class_1", "class_2"]
     assert np.abs(a[cols].to_numpy() - b[cols].to_numpy()).max() < 1e-5
     steps = [torch.load(tiny / d / "last.pt", weights_only=True)["state"]["step"]
@@ -165,24 +168,24 @@ def test_bf16_autocast_on_cpu_learns(tmp_path, monkeypatch):
                                         "precision": "bf16"}})
     folds.main(["configs/tiny/competition.yaml"])
     cfg = load_experiment("configs/tiny/lenet5.yaml")
-    s = train.prepare(cfg)
+    s = prepare(cfg)
     assert s.rt.precision == "bf16"
-    scores = train.run(cfg)
+    scores = train_experiment(cfg)
     assert scores["cv"] > 0.8  # three classes: chance is 1/3
 
 
 def test_the_loss_scaler_state_is_saved_and_restored_on_resume(tiny):
     s = setup(tiny, batch_size=4, epochs=3, precision="fp16")
     assert s.rt.grad_scaler() is not None
-    train.train_fold(s, 0, tiny / "straight")
-    train.train_fold(s, 0, tiny / "resumed", stop_after_epochs=1)
+    train_fold(s, 0, tiny / "straight")
+    train_fold(s, 0, tiny / "resumed", stop_after_epochs=1)
     saved = torch.load(tiny / "resumed/last.pt", weights_only=True)["scaler"]
     assert saved["_growth_tracker"] == 3 and saved["scale"] > 0  # one epoch: 3 steps
-    train.train_fold(s, 0, tiny / "resumed")
+    train_fold(s, 0, tiny / "resumed")
     ends = [torch.load(tiny / d / "last.pt", weights_only=True)["scaler"]
             for d in ("straight", "resumed")]
     assert ends[0] == ends[1] and ends[0]["_growth_tracker"] == 9  # restored, not restarted
-    assert train.fold_oof(s, 0, tiny / "straight").equals(train.fold_oof(s, 0, tiny / "resumed"))
+    assert s.fold_oof(0, tiny / "straight" / "best.safetensors").equals(s.fold_oof(0, tiny / "resumed" / "best.safetensors"))
 
 
 def test_asking_for_cuda_without_a_gpu_is_a_one_line_error(tiny, capsys, monkeypatch):
@@ -222,10 +225,10 @@ def test_augmenting_on_the_device_gives_the_loaders_batches(tiny):
                    {**EXPERIMENT, "augment": heavy,
                     "train": {**EXPERIMENT["train"], "augment_on": where}})
         folds.main(["configs/tiny/competition.yaml"])
-        s = train.prepare(load_experiment("configs/tiny/exp.yaml"))
-        assert train.augment_on_device(s) == (where == "device")
-        train.train_fold(s, 0, tiny / where)
-        results.append(train.fold_oof(s, 0, tiny / where))
+        s = prepare(load_experiment("configs/tiny/exp.yaml"))
+        assert augment_on_device(s) == (where == "device")
+        train_fold(s, 0, tiny / where)
+        results.append(s.fold_oof(0, tiny / where / "best.safetensors"))
     assert results[0].equals(results[1])
 
 
@@ -240,13 +243,13 @@ def test_compiled_training_survives_unfreezing_without_recompiling_every_step(ti
                {**EXPERIMENT, "finetune": stages,
                 "train": {**EXPERIMENT["train"], "batch_size": 4, "epochs": 3, "compile": True}})
     folds.main(["configs/tiny/competition.yaml"])
-    s = train.prepare(load_experiment("configs/tiny/exp.yaml"))
+    s = prepare(load_experiment("configs/tiny/exp.yaml"))
     counters.clear()
-    train.train_fold(s, 0, tiny / "compiled")
+    train_fold(s, 0, tiny / "compiled")
     graphs = counters["stats"]["unique_graphs"]
     assert graphs == 2  # one per stage, not one per step (9 steps)
-    plain = train.prepare(load_experiment("configs/tiny/exp.yaml", ["train.compile=false"]))
-    train.train_fold(plain, 0, tiny / "plain")
-    a, b = train.fold_oof(s, 0, tiny / "compiled"), train.fold_oof(plain, 0, tiny / "plain")
+    plain = prepare(load_experiment("configs/tiny/exp.yaml", ["train.compile=false"]))
+    train_fold(plain, 0, tiny / "plain")
+    a, b = s.fold_oof(0, tiny / "compiled" / "best.safetensors"), plain.fold_oof(0, tiny / "plain" / "best.safetensors")
     cols = ["class_0", "class_1", "class_2"]
     assert np.abs(a[cols].to_numpy() - b[cols].to_numpy()).max() < 1e-4

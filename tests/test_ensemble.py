@@ -8,9 +8,11 @@ import pandas as pd
 import pytest
 
 from conftest import write_yaml
-from pipeline import blend, ensemble
-from pipeline.config import load_ensemble
-from pipeline.errors import UserError
+from pipeline import ensemble
+from pipeline.blending import blend
+from pipeline.blending.run import run_ensemble
+from pipeline.core.config import load_ensemble
+from pipeline.core.errors import UserError
 
 CLASSES = ["class_0", "class_1", "class_2"]
 TRAIN_IDS = [f"tr{c}{j:03d}" for c in range(3) for j in range(8)]  # conftest's tiny competition
@@ -59,7 +61,7 @@ def test_ensemble_writes_weights_blend_report_plots_and_study(tiny):
     write_run("good", 2.0, 1)
     write_run("weak", 0.5, 2)
     write_run("noise", 0.0, 3)
-    result = ensemble.run(config(tiny, ["good", "weak", "noise"], mode="tune", metric="log_loss"))
+    result = run_ensemble(config(tiny, ["good", "weak", "noise"], mode="tune", metric="log_loss"))
     run = tiny / "runs/tiny/ensemble"
 
     saved = json.loads((run / "weights.json").read_text())
@@ -103,10 +105,10 @@ def test_rows_in_another_order_are_aligned_by_id(tiny):
     write_run("good", 2.0, 1)
     write_run("weak", 0.5, 2)
     cfg = config(tiny, ["good", "weak"])
-    ensemble.run(cfg)
+    run_ensemble(cfg)
     first = outputs(tiny)
     write_run("weak", 0.5, 2, permute=lambda n: np.random.default_rng(0).permutation(n))
-    ensemble.run(cfg)
+    run_ensemble(cfg)
     assert outputs(tiny) == first
 
 
@@ -121,7 +123,7 @@ def test_refuses_experiments_that_cannot_be_blended(tiny, change, message):
     write_run("good", 2.0, 1)
     write_run("other", 0.5, 2, **change)
     with pytest.raises(UserError, match=message):
-        ensemble.run(config(tiny, ["good", "other"]))
+        run_ensemble(config(tiny, ["good", "other"]))
 
 
 def test_refuses_a_missing_experiment_and_a_duplicate(tiny, capsys):
@@ -132,16 +134,16 @@ def test_refuses_a_missing_experiment_and_a_duplicate(tiny, capsys):
     assert exit_info.value.code == 2
     assert "runs/tiny/absent/oof_tta.csv: not found" in capsys.readouterr().err
     with pytest.raises(UserError, match="names an experiment twice"):
-        ensemble.run(config(tiny, ["good", "good"]))
+        run_ensemble(config(tiny, ["good", "good"]))
 
 
 def test_falls_back_to_equal_weights_when_tuning_does_not_beat_them(tiny, capsys):
     write_run("good", 2.0, 1)
     write_run("twin", 2.0, 1)  # identical predictions: no weighting can beat equal weights
-    result = ensemble.run(config(tiny, ["good", "twin"]))
+    result = run_ensemble(config(tiny, ["good", "twin"]))
     assert result["choice"] == "equal" and result["weights"] == {"good": 0.5, "twin": 0.5}
     assert "do not beat equal weights under nested CV" in capsys.readouterr().err
-    kept = ensemble.run(config(tiny, ["good", "twin"], fallback_to_equal=False))
+    kept = run_ensemble(config(tiny, ["good", "twin"], fallback_to_equal=False))
     assert kept["choice"] == "tuned" and "keeping them anyway" in kept["decision"]
     assert kept["weights"] == kept["tuned_weights"]
 
@@ -150,19 +152,19 @@ def test_shared_storage_keeps_the_study_and_refuses_another_setup(tiny):
     write_run("good", 2.0, 1)
     write_run("weak", 0.5, 2)
     url = f"sqlite:///{tiny / 'shared.db'}"
-    ensemble.run(config(tiny, ["good", "weak"], storage=url))
-    ensemble.run(config(tiny, ["good", "weak"], storage=url))  # a finished study: no new trials
+    run_ensemble(config(tiny, ["good", "weak"], storage=url))
+    run_ensemble(config(tiny, ["good", "weak"], storage=url))  # a finished study: no new trials
     study = optuna.load_study(study_name="tiny-ensemble", storage=url)
     assert len(study.trials) == 15 and study.user_attrs["experiments"] == ["good", "weak"]
     assert not (tiny / "runs/tiny/ensemble/study.db").exists()
     with pytest.raises(UserError, match="storage: study 'tiny-ensemble' .* was tuned for"):
-        ensemble.run(config(tiny, ["weak", "good"], storage=url))
+        run_ensemble(config(tiny, ["weak", "good"], storage=url))
     with pytest.raises(UserError, match="storage: optuna cannot open 'nonsense'"):
-        ensemble.run(config(tiny, ["good", "weak"], storage="nonsense"))
+        run_ensemble(config(tiny, ["good", "weak"], storage="nonsense"))
 
 
 def test_headline_quotes_the_nested_cv_score_when_tuned_weights_are_used():
-    from pipeline.ensemble_report import headline
+    from pipeline.reports.ensemble import headline
     result = dict(metric="accuracy", choice="tuned", weights={"a": 0.7, "b": 0.3}, mode="mean",
                   cv=0.95, nested_cv=0.91)
     assert headline(result) == ("nested-CV accuracy 0.91000 with tuned weights a=0.700, b=0.300, "
@@ -174,7 +176,7 @@ def test_headline_quotes_the_nested_cv_score_when_tuned_weights_are_used():
 def test_the_printed_headline_leads_with_nested_cv(tiny, capsys):
     write_run("good", 2.0, 1)
     write_run("weak", 0.5, 2)
-    result = ensemble.run(config(tiny, ["good", "weak"], fallback_to_equal=False))
+    result = run_ensemble(config(tiny, ["good", "weak"], fallback_to_equal=False))
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert result["choice"] == "tuned"
     assert last.startswith(f"ensemble: nested-CV accuracy {result['nested_cv']:.5f} with tuned")

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import EXPERIMENT, write_yaml
-from pipeline import experiment_report as er
+from pipeline.reports import experiment as er
 from pipeline import folds, predict, train
 
 

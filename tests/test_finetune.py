@@ -10,9 +10,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 from conftest import EXPERIMENT, write_yaml
-from pipeline import finetune, folds, train
-from pipeline.config import ExperimentConfig, StageConfig, load_experiment
-from pipeline.errors import UserError
+from pipeline import folds
+from pipeline.models import finetune
+from pipeline.training.experiment import prepare
+from pipeline.training.loop import init_model, train_fold
+from pipeline.core.config import ExperimentConfig, StageConfig, load_experiment
+from pipeline.core.errors import UserError
 
 
 def test_layer_groups_cover_every_parameter_once_with_the_classifier_last():
@@ -108,7 +111,7 @@ def test_norms_and_biases_get_no_weight_decay():
 def fold_setup(tiny, **experiment):
     write_yaml(tiny / "configs/tiny/exp.yaml", {**EXPERIMENT, **experiment})
     folds.main(["configs/tiny/competition.yaml"])
-    return train.prepare(load_experiment("configs/tiny/exp.yaml"))
+    return prepare(load_experiment("configs/tiny/exp.yaml"))
 
 
 def frozen_names(model, trainable):
@@ -121,10 +124,10 @@ def test_head_only_stage_leaves_frozen_weights_and_frozen_bn_stats_untouched(tin
     s = fold_setup(tiny, model={"backbone": "test_resnet"},
                    finetune={"stages": [{"epochs": 2, "train": "head"}], "bn": bn},
                    train={"batch_size": 4, "lr": 0.01, "weight_decay": 0.1})
-    start = {k: v.clone() for k, v in train.init_model(s, 0).state_dict().items()}
-    train.train_fold(s, 0, tiny / "fold0")
+    start = {k: v.clone() for k, v in init_model(s, 0).state_dict().items()}
+    train_fold(s, 0, tiny / "fold0")
     end = torch.load(tiny / "fold0/last.pt", weights_only=True)["model"]
-    model = train.init_model(s, 0)
+    model = init_model(s, 0)
     frozen = frozen_names(model, 1)
     assert set(frozen) == {n for n, _ in model.named_parameters()} - {"fc.weight", "fc.bias"}
     assert all(torch.equal(start[n], end[n]) for n in frozen)
@@ -143,7 +146,7 @@ def test_log_records_each_group_rate_by_ratio_with_a_restart_per_stage(tiny):
                                               {"epochs": 2, "train": "all"}],
                              "lr_decay": 2.6},
                    train={"batch_size": 4, "lr": lr})
-    train.train_fold(s, 0, tiny / "fold0")
+    train_fold(s, 0, tiny / "fold0")
     log = pd.read_csv(tiny / "fold0/log.csv")
     lrs = log[[f"lr_group{i}" for i in range(4)]].to_numpy()  # lenet5: 4 groups
     assert list(log["stage"]) == [0, 0, 1, 1, 2, 2] and list(log["trainable_groups"]) == [1, 1, 2, 2, 4, 4]

@@ -4,7 +4,8 @@ import pandas as pd
 import pytest
 
 from pipeline import folds
-from pipeline.errors import UserError
+from pipeline.core import splits
+from pipeline.core.errors import UserError
 
 
 def data(n=120, n_groups=30, seed=0):
@@ -18,9 +19,9 @@ def data(n=120, n_groups=30, seed=0):
 def test_same_seed_same_folds_other_seed_other_folds(method):
     targets, groups = data()
     g = groups if "group" in method else None
-    a = folds.assign_folds(targets, g, 5, method, seed=7)
-    b = folds.assign_folds(targets, g, 5, method, seed=7)
-    c = folds.assign_folds(targets, g, 5, method, seed=8)
+    a = splits.assign_folds(targets, g, 5, method, seed=7)
+    b = splits.assign_folds(targets, g, 5, method, seed=7)
+    c = splits.assign_folds(targets, g, 5, method, seed=8)
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     assert set(a) == set(range(5))
 
@@ -28,30 +29,30 @@ def test_same_seed_same_folds_other_seed_other_folds(method):
 @pytest.mark.parametrize("method", ["group", "stratified_group"])
 def test_groups_never_straddle_folds(method):
     targets, groups = data()
-    fold = folds.assign_folds(targets, groups, 4, method, seed=0)
+    fold = splits.assign_folds(targets, groups, 4, method, seed=0)
     per_group = pd.DataFrame({"g": groups, "f": fold}).groupby("g")["f"].nunique()
     assert (per_group == 1).all()
 
 
 def test_stratified_keeps_class_ratios():
     targets, _ = data(n=300)
-    fold = folds.assign_folds(targets, None, 5, "stratified", seed=0)
+    fold = splits.assign_folds(targets, None, 5, "stratified", seed=0)
     for k in range(5):
         share = np.mean(targets[fold == k] == "a")
         assert abs(share - np.mean(targets == "a")) < 0.03
 
 
 def test_auto_picks_stratified_group_when_groups_given():
-    assert folds.choose_method("auto", has_groups=True) == "stratified_group"
-    assert folds.choose_method("auto", has_groups=False) == "stratified"
+    assert splits.choose_method("auto", has_groups=True) == "stratified_group"
+    assert splits.choose_method("auto", has_groups=False) == "stratified"
     with pytest.raises(UserError, match="folds.method: group needs data.group_column"):
-        folds.choose_method("group", has_groups=False)
+        splits.choose_method("group", has_groups=False)
 
 
 def test_too_many_folds_for_a_class():
     targets = np.array(["a"] * 10 + ["b"] * 3)
     with pytest.raises(UserError, match="folds.n_splits: 5 folds but class 'b' has only 3 rows"):
-        folds.assign_folds(targets, None, 5, "stratified", seed=0)
+        splits.assign_folds(targets, None, 5, "stratified", seed=0)
 
 
 def test_stage_writes_fold_file_deterministically(tiny):
@@ -79,15 +80,15 @@ def test_stage_uses_group_column(tmp_path, monkeypatch):
 def test_multilabel_folds_stratify_every_label_and_regression_folds_stratify_bins():
     rng = np.random.default_rng(0)
     labels = (rng.random((200, 5)) < [0.5, 0.3, 0.1, 0.05, 0.6]).astype(np.float32)
-    fold = folds.assign_folds(labels, None, 4, "auto", seed=0, kind="labels")
+    fold = splits.assign_folds(labels, None, 4, "auto", seed=0, strata="labels")
     assert set(fold) == {0, 1, 2, 3}
     for j in range(5):  # every label in every fold, in about its share
         counts = np.array([labels[fold == k, j].sum() for k in range(4)])
         assert counts.min() > 0 and counts.max() - counts.min() <= 2
     values = rng.normal(size=200) ** 3  # skewed: bins keep the tails spread over the folds
-    fold = folds.assign_folds(values, None, 4, "auto", seed=0, kind="values")
+    fold = splits.assign_folds(values, None, 4, "auto", seed=0, strata="values")
     top = np.argsort(values)[-20:]
     assert np.bincount(fold[top], minlength=4).min() >= 4
     groups = np.arange(200) // 5
-    fold = folds.assign_folds(values, groups, 4, "auto", seed=0, kind="values")
+    fold = splits.assign_folds(values, groups, 4, "auto", seed=0, strata="values")
     assert all(len(set(fold[groups == g])) == 1 for g in np.unique(groups))

@@ -8,9 +8,11 @@ import pytest
 from PIL import Image
 
 from conftest import write_yaml
-from pipeline import competition, images, train
-from pipeline.config import load_competition, load_experiment
-from pipeline.errors import UserError
+from pipeline.core import competition
+from pipeline.data import images
+from pipeline.training.experiment import prepare
+from pipeline.core.config import load_competition, load_experiment
+from pipeline.core.errors import UserError
 
 
 def _save(img: Image.Image, path, **kwargs):
@@ -123,8 +125,8 @@ def test_cache_is_shared_by_experiments_of_the_same_size(tiny):
                                                    "model": {"backbone": "resnet10t", "crop_pct": 1.0}})
     from pipeline import folds
     folds.main(["configs/tiny/competition.yaml"])
-    a = train.prepare(load_experiment("configs/tiny/lenet5.yaml")).images
-    b = train.prepare(load_experiment("configs/tiny/resnet.yaml")).images
+    a = prepare(load_experiment("configs/tiny/lenet5.yaml")).images
+    b = prepare(load_experiment("configs/tiny/resnet.yaml")).images
     assert a.filename == b.filename and len(list((tiny / "cache").glob("*.npy"))) == 1
 
 

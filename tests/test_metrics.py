@@ -4,41 +4,46 @@ import os
 import numpy as np
 import pytest
 
-from pipeline import metrics
-from pipeline.errors import UserError
+from pipeline.core import metrics, tasks
+from pipeline.core.errors import UserError
 
 Y = np.array([0, 1, 2, 2])
 P = np.array([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.2, 0.3, 0.5], [0.5, 0.1, 0.4]])
+CLASSES = tasks.Multiclass(("0", "1", "2"))
+TWO = tasks.Binary(("no", "yes"))
+FIVE = tasks.Multiclass(tuple("01234"))
+LABELS = tasks.Multilabel(("a", "b"))
+VALUES = tasks.Regression(("v",), 0, 4)
 
 
 def test_label_metrics_score_the_argmax():
-    assert metrics.score("accuracy", Y, P) == 0.75  # the last row predicts class 0
+    assert metrics.score("accuracy", CLASSES, Y, P) == 0.75  # the last row predicts class 0
     # per-class F1: class 0: P=1/2 R=1 -> 2/3; class 1: 1; class 2: P=1 R=1/2 -> 2/3
-    assert metrics.score("macro_f1", Y, P) == pytest.approx((2 / 3 + 1 + 2 / 3) / 3)
+    assert metrics.score("macro_f1", CLASSES, Y, P) == pytest.approx((2 / 3 + 1 + 2 / 3) / 3)
 
 
 def test_log_loss_is_the_mean_negative_log_probability_of_the_true_class():
     expected = -np.mean(np.log([0.7, 0.6, 0.5, 0.4]))
-    assert metrics.score("log_loss", Y, P) == pytest.approx(expected)
-    assert np.isfinite(metrics.score("log_loss", np.array([0]), np.array([[0.0, 1.0, 0.0]])))
+    assert metrics.score("log_loss", CLASSES, Y, P) == pytest.approx(expected)
+    assert np.isfinite(metrics.score("log_loss", CLASSES, np.array([0]), np.array([[0.0, 1.0, 0.0]])))
 
 
 def test_roc_auc_binary_and_one_vs_rest():
     y = np.array([0, 0, 1, 1])
     p1 = np.array([0.1, 0.6, 0.4, 0.9])  # 3 of the 4 positive-negative pairs are ordered right
-    assert metrics.score("roc_auc", y, np.c_[1 - p1, p1]) == pytest.approx(0.75)
+    assert metrics.score("roc_auc", TWO, y, np.c_[1 - p1, p1]) == pytest.approx(0.75)
     # OvR: class 0 and class 1 are separated perfectly; class 2 (rows 2, 3): 0.5, 0.4 vs 0.1, 0.3
-    assert metrics.score("roc_auc", Y, P) == pytest.approx(1.0)
+    assert metrics.score("roc_auc", CLASSES, Y, P) == pytest.approx(1.0)
     # columns reversed: class 0 -> 0, class 1 -> 1, class 2 -> 2 of 4 pairs
-    assert metrics.score("roc_auc", Y, P[:, ::-1]) == pytest.approx(0.5)
+    assert metrics.score("roc_auc", CLASSES, Y, P[:, ::-1]) == pytest.approx(0.5)
 
 
 def test_qwk_rewards_near_misses_over_far_misses():
     y = np.array([0, 1, 2, 3, 4])
     onehot = lambda pred: np.eye(5)[pred]  # noqa: E731
-    assert metrics.score("qwk", y, onehot(y)) == pytest.approx(1.0)
-    near = metrics.score("qwk", y, onehot(np.array([1, 1, 2, 3, 3])))
-    far = metrics.score("qwk", y, onehot(np.array([4, 1, 2, 3, 0])))
+    assert metrics.score("qwk", FIVE, y, onehot(y)) == pytest.approx(1.0)
+    near = metrics.score("qwk", FIVE, y, onehot(np.array([1, 1, 2, 3, 3])))
+    far = metrics.score("qwk", FIVE, y, onehot(np.array([4, 1, 2, 3, 0])))
     assert 0 < near < 1 and far < 0
 
 
@@ -54,19 +59,19 @@ def test_direction_follows_the_metric(metric, direction):
 
 def test_unknown_metric_is_refused():
     with pytest.raises(ValueError, match="unknown metric .brier."):
-        metrics.score("brier", Y, P)
+        metrics.score("brier", CLASSES, Y, P)
 
 
 def test_fold_scores_score_each_fold_on_its_own_rows():
     y = np.array([0, 1, 1, 0, 1])
     folds = np.array([1, 0, 1, 0, 1])
     proba = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7], [0.1, 0.9]])
-    assert metrics.fold_scores("accuracy", y, folds, proba) == {0: 0.5, 1: 2 / 3}
+    assert metrics.fold_scores("accuracy", TWO, y, folds, proba) == {0: 0.5, 1: 2 / 3}
 
 
 def test_a_user_metric_is_imported_from_the_config_folder_and_called_with_ids(tiny):
     from conftest import COMPETITION, write_yaml
-    from pipeline.config import load_competition
+    from pipeline.core.config import load_competition
 
     (tiny / "configs/tiny/my_metric.py").write_text(
         "import numpy as np\n\n\ndef score(ids, truth, predictions):\n"
@@ -75,7 +80,7 @@ def test_a_user_metric_is_imported_from_the_config_folder_and_called_with_ids(ti
     spec = {"file": "my_metric.py", "function": "score", "direction": "maximize"}
     write_yaml(tiny / "configs/tiny/competition.yaml", {**COMPETITION, "metric": spec})
     cfg = load_competition("configs/tiny/competition.yaml")
-    assert metrics.score(cfg.metric, Y, P, ids=["a", "b", "c", "d"]) == 0.75
+    assert metrics.score(cfg.metric, CLASSES, Y, P, ids=["a", "b", "c", "d"]) == 0.75
     assert metrics.name(cfg.metric) == "score:maximize" and metrics.direction(cfg.metric) == "maximize"
     assert not (tiny / "configs/tiny/__pycache__").exists()
     fn = metrics.load_user_metric(cfg.metric)
@@ -87,13 +92,13 @@ def test_a_user_metric_is_imported_from_the_config_folder_and_called_with_ids(ti
         metrics.load_user_metric(cfg.metric)
 
 
-@pytest.mark.parametrize("metric, truth, pred, expected", [
-    ("rmse", [1.0, 3.0], [[2.0], [3.0]], np.sqrt(0.5)),
-    ("mae", [1.0, 3.0], [[2.0], [3.0]], 0.5),
-    ("micro_f1", [[1.0, 0.0], [1.0, 1.0]], [[0.9, 0.6], [0.2, 0.7]], 2 * 2 / (2 * 2 + 1 + 1)),
-    ("samples_f1", [[1.0, 0.0], [1.0, 1.0]], [[0.9, 0.1], [0.2, 0.7]], (1 + 2 / 3) / 2),
-    ("roc_auc", [[1.0, 0.0], [0.0, 1.0]], [[0.9, 0.1], [0.2, 0.7]], 1.0),
-    ("qwk", [0.0, 1.0, 2.0], [[0.1], [1.2], [1.9]], 1.0),
+@pytest.mark.parametrize("metric, task, truth, pred, expected", [
+    ("rmse", VALUES, [1.0, 3.0], [[2.0], [3.0]], np.sqrt(0.5)),
+    ("mae", VALUES, [1.0, 3.0], [[2.0], [3.0]], 0.5),
+    ("micro_f1", LABELS, [[1.0, 0.0], [1.0, 1.0]], [[0.9, 0.6], [0.2, 0.7]], 2 * 2 / (2 * 2 + 1 + 1)),
+    ("samples_f1", LABELS, [[1.0, 0.0], [1.0, 1.0]], [[0.9, 0.1], [0.2, 0.7]], (1 + 2 / 3) / 2),
+    ("roc_auc", LABELS, [[1.0, 0.0], [0.0, 1.0]], [[0.9, 0.1], [0.2, 0.7]], 1.0),
+    ("qwk", VALUES, [0.0, 1.0, 2.0], [[0.1], [1.2], [1.9]], 1.0),
 ])
-def test_value_and_label_metrics(metric, truth, pred, expected):
-    assert metrics.score(metric, np.array(truth), np.array(pred)) == pytest.approx(expected)
+def test_value_and_label_metrics(metric, task, truth, pred, expected):
+    assert metrics.score(metric, task, np.array(truth), np.array(pred)) == pytest.approx(expected)

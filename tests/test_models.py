@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from pipeline import finetune, models
-from pipeline.config import ModelConfig
-from pipeline.errors import UserError
+from pipeline.models import factory as models, finetune, pretrained
+from pipeline.core.config import ModelConfig
+from pipeline.core.errors import UserError
 
 
 def build(backbone, pretrained=False, num_classes=3, in_chans=3):
@@ -111,7 +111,7 @@ def test_offline_pretrained_true_fails_fast_with_a_one_line_hint(offline):
 
 
 def test_offline_pretrained_true_uses_the_hub_cache(offline):
-    repo = models.resolve_pretrained_cfg("test_resnet").hf_hub_id
+    repo = pretrained.resolve_pretrained_cfg("test_resnet").hf_hub_id
     snapshot = offline / f"models--{repo.replace('/', '--')}" / "snapshots" / "abc123"
     snapshot.mkdir(parents=True)
     (offline / f"models--{repo.replace('/', '--')}" / "refs").mkdir()

@@ -16,8 +16,10 @@ import pytest
 import torch
 
 from conftest import COMPETITION, EXPERIMENT, make_competition, write_yaml
-from pipeline import ensemble, folds, infer, inference, package, predict, submit, train
-from pipeline.artifacts import as_written, write_csv
+from pipeline import ensemble, folds, infer, package, predict, submit, train
+from pipeline.models import predictor as inference
+from pipeline.packaging import build as package_build
+from pipeline.core.artifacts import as_written, write_csv
 
 EXPERIMENTS = {  # one with fixed views, one choosing them on the OOF (test gets the chosen only)
     "lenet5": {**EXPERIMENT, "tta": {"views": "hflip"}},
@@ -72,7 +74,7 @@ def test_package_holds_settings_weights_blend_format_wheel_and_hashes(built):
     assert set(manifest["versions"]) >= {"python", "torch", "timm", "albumentations"}
     meta = json.loads((root / "package.json").read_text())
     assert meta["classes"] == ["class_0", "class_1", "class_2"]
-    assert meta["submission"]["kind"] == "proba" and meta["task"] == "multiclass"
+    assert meta["submission"]["format"] == "proba" and meta["task"] == "multiclass"
     weights = json.loads((built / "runs/tiny/ensemble/weights.json").read_text())
     mix = json.loads((root / "blend.json").read_text())
     assert mix["weights"] == [weights["weights"][n] for n in mix["experiments"]]
@@ -159,7 +161,7 @@ def test_half_precision_weights_load_back_as_float32(built, tmp_path):
 def test_a_rebuild_replaces_the_package_only_when_complete(built, monkeypatch):
     monkeypatch.chdir(built)
     before = (built / "packages/tiny/manifest.json").read_bytes()
-    monkeypatch.setattr(package, "build_wheel", lambda dest: (_ for _ in ()).throw(OSError("x")))
+    monkeypatch.setattr(package_build, "build_wheel", lambda dest: (_ for _ in ()).throw(OSError("x")))
     with pytest.raises(OSError):
         package.main(["configs/tiny/ensemble.yaml"])
     assert (built / "packages/tiny/manifest.json").read_bytes() == before

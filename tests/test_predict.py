@@ -7,11 +7,14 @@ import pandas as pd
 import pytest
 
 from conftest import COMPETITION, EXPERIMENT, make_competition, write_yaml
-from pipeline import folds, metrics, predict, train
-from pipeline.config import load_experiment
-from pipeline.errors import UserError
-from pipeline.images import image_cache
-from pipeline.models import cache_size
+from pipeline import folds, train
+from pipeline.core import metrics
+from pipeline.training.experiment import prepare
+from pipeline.training.prediction import predict_experiment
+from pipeline.core.config import load_experiment
+from pipeline.core.errors import UserError
+from pipeline.data.images import image_cache
+from pipeline.models.factory import cache_size
 
 EXP = "configs/tiny/lenet5.yaml"
 CLASSES = ["class_0", "class_1", "class_2"]
@@ -34,7 +37,7 @@ def trained(tmp_path_factory):
 def run(root, monkeypatch, *overrides):
     monkeypatch.chdir(root)
     cfg = load_experiment(EXP, list(overrides))
-    return cfg, predict.run(cfg)
+    return cfg, predict_experiment(cfg)
 
 
 def read(root, name):
@@ -52,12 +55,11 @@ def test_view_none_equals_the_train_stage_oof(trained, monkeypatch):
 
 def test_test_csv_is_every_fold_model_on_every_test_row_averaged(trained, monkeypatch):
     cfg, _ = run(trained, monkeypatch, "tta.views=none")
-    s = train.prepare(cfg)
+    s = prepare(cfg)
     images = image_cache(list(s.comp.test["path"]), cache_size(cfg.image_size, s.spec.crop_pct),
                          3, cfg.data.cache_dir)
     on_test = dataclasses.replace(s, images=images)  # the train stage's centre-crop prediction
-    per_fold = [train.predict_proba(on_test, train.load_fold_model(s, cfg.run_dir / f"fold{k}"),
-                                    np.arange(len(images))) for k in range(2)]
+    per_fold = [on_test.predict_plain(s.fold_model(k), np.arange(len(images))) for k in range(2)]
     test = read(trained, "test.csv")
     sample = pd.read_csv(trained / "data/tiny/sample_submission.csv")
     assert list(test.columns) == ["id", *CLASSES]
@@ -68,14 +70,15 @@ def test_test_csv_is_every_fold_model_on_every_test_row_averaged(trained, monkey
 def test_auto_keeps_the_best_view_set_and_records_all_scores(trained, monkeypatch):
     cfg, scores = run(trained, monkeypatch, "tta.views=auto", "tta.merge=geometric")
     assert list(scores["tta_scores"]) == cfg.tta.candidates
-    best = predict.best_view_set("accuracy", scores["tta_scores"])
+    best = metrics.best_key("accuracy", scores["tta_scores"])
     assert scores["tta_views"] == best and scores["tta_merge"] == "geometric"
     assert scores["cv_tta"] == scores["tta_scores"][best]
     on_disk = json.loads((trained / "runs/tiny/lenet5/scores.json").read_text())
     assert on_disk["cv"] == scores["cv"] and set(on_disk["per_fold_tta"]) == {"0", "1"}
     oof = read(trained, "oof_tta.csv")
-    y = train.prepare(cfg).labels
-    assert metrics.score("accuracy", y, oof[CLASSES].to_numpy()) == pytest.approx(scores["cv_tta"])
+    comp = prepare(cfg).comp
+    assert metrics.score("accuracy", comp.task, comp.y, oof[CLASSES].to_numpy()) == \
+        pytest.approx(scores["cv_tta"])
     auto_test = read(trained, "test.csv")
     run(trained, monkeypatch, f"tta.views={best}", "tta.merge=geometric", "tta.max_batch=5")
     np.testing.assert_allclose(read(trained, "oof_tta.csv")[CLASSES], oof[CLASSES], atol=1e-6)
@@ -91,8 +94,8 @@ def test_outputs_are_deterministic(trained, monkeypatch):
 
 
 def test_best_view_set_prefers_the_first_listed_on_ties():
-    assert predict.best_view_set("accuracy", {"none": 0.9, "hflip": 0.9, "ten_crop": 0.8}) == "none"
-    assert predict.best_view_set("log_loss", {"none": 0.3, "hflip": 0.2}) == "hflip"
+    assert metrics.best_key("accuracy", {"none": 0.9, "hflip": 0.9, "ten_crop": 0.8}) == "none"
+    assert metrics.best_key("log_loss", {"none": 0.3, "hflip": 0.2}) == "hflip"
 
 
 def test_refuses_a_run_trained_with_another_config(trained, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pkgutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import pipeline
 from conftest import COMPETITION, EXPERIMENT, make_competition, write_yaml
 from pipeline import ensemble, folds, predict, submit, train
 
@@ -98,8 +100,10 @@ def test_two_runs_in_separate_folders_are_byte_identical(tmp_path, monkeypatch):
     assert results[0] == results[1]
 
 
-@pytest.mark.parametrize("module", ["folds", "train", "predict", "ensemble", "submit", "demo",
-                                    "weights", "preview", "runs", "leaderboard"])
+STAGES = sorted(m.name for m in pkgutil.iter_modules(pipeline.__path__) if not m.ispkg)
+
+
+@pytest.mark.parametrize("module", STAGES)
 def test_every_stage_has_help(module, capsys):
     mod = __import__(f"pipeline.{module}", fromlist=["main"])
     with pytest.raises(SystemExit) as exc:

@@ -10,8 +10,10 @@ import pandas as pd
 import pytest
 
 from conftest import EXPERIMENT, write_yaml
-from pipeline import folds, leaderboard, predict, provenance, runs, train
-from pipeline.config import load_competition, load_experiment
+from pipeline import folds, leaderboard, predict, prune, train
+from pipeline.core import history, layout, provenance
+from pipeline.reports.leaderboard import build as build_leaderboard
+from pipeline.core.config import load_competition, load_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 EXP = "configs/tiny/lenet5.yaml"
@@ -122,7 +124,7 @@ def test_leaderboard_lists_every_version_sorted_in_the_metric_direction(tiny, me
         os.utime(comp / version / "test.csv", (blended - age, blended - age))
     os.utime(comp / "b/test.csv", (blended + 9, blended + 9))  # predicted after the blend
     cfg = load_competition("configs/tiny/competition.yaml", [f"metric={metric}"])
-    df, md = leaderboard.build(comp, cfg)
+    df, md = build_leaderboard(cfg)
 
     expected = {("a", "current"): 0.72, ("a", "old1"): 0.60, ("a", "old2"): 0.90,
                 ("b", "current"): 0.80}
@@ -155,11 +157,11 @@ def test_prune_keeps_the_newest_past_versions_and_every_current_run(tiny, capsys
         stamp = 1_700_000_000 + i
         os.utime(comp / f"a/history/{name}", (stamp, stamp))
     fake_run(comp / "a", 0.6)
-    runs.main(["configs/tiny/competition.yaml", "--keep", "1"])
+    prune.main(["configs/tiny/competition.yaml", "--keep", "1"])
     assert sorted(p.name for p in (comp / "a/history").iterdir()) == ["v3"]
     assert (comp / "a/scores.json").is_file()
     assert capsys.readouterr().err.startswith("pruned 2 past versions; runs/tiny now holds ")
-    runs.main(["configs/tiny/competition.yaml", "--keep", "0"])
+    prune.main(["configs/tiny/competition.yaml", "--keep", "0"])
     assert list((comp / "a/history").iterdir()) == [] and (comp / "a/scores.json").is_file()
 
 
@@ -169,7 +171,7 @@ def test_an_archive_cut_short_is_completed_on_the_next_start(tmp_path):
     partial.mkdir(parents=True)
     (partial / "scores.json").write_text("{}")
     (partial / "tag.txt").write_text("old\n")
-    runs.start_version(run_dir, "new")
+    history.start_version(layout.Run(run_dir), "new")
     assert (run_dir / "history/old/scores.json").is_file()
-    assert [p.name for p in runs.versions(run_dir)] == ["old"]
+    assert [p.name for p in history.versions(layout.Run(run_dir))] == ["old"]
     assert (run_dir / "tag.txt").read_text() == "new\n"

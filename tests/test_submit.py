@@ -6,9 +6,10 @@ import pandas as pd
 import pytest
 
 from conftest import COMPETITION, make_competition, write_yaml
-from pipeline import submit, tasks
-from pipeline.competition import SubmissionFormat
-from pipeline.errors import UserError
+from pipeline import submit as submit_stage
+from pipeline.core import submission as submit, tasks
+from pipeline.core.submission import SubmissionFormat
+from pipeline.core.errors import UserError
 
 FOLDER_IDS = [f"te{i:03d}" for i in range(6)]  # the test folder's order
 SAMPLE_IDS = FOLDER_IDS[::-1]  # conftest writes sample_submission in reversed order
@@ -43,7 +44,7 @@ def blended(classes):
 def test_label_submission_follows_sample_order_with_train_class_names(tmp_path, monkeypatch):
     competition(tmp_path, monkeypatch, 3, "label")
     blended(["class_0", "class_1", "class_2"])
-    submit.main(["configs/tiny/ensemble.yaml"])
+    submit_stage.main(["configs/tiny/ensemble.yaml"])
     sub = pd.read_csv("submissions/tiny.csv", dtype=str)
     assert list(sub.columns) == ["image_id", "target"] and list(sub["image_id"]) == SAMPLE_IDS
     assert list(sub["target"]) == [f"class_{int(i[2:]) % 3}" for i in SAMPLE_IDS]
@@ -52,7 +53,7 @@ def test_label_submission_follows_sample_order_with_train_class_names(tmp_path, 
 def test_binary_probability_submission_has_the_positive_class_column(tmp_path, monkeypatch):
     competition(tmp_path, monkeypatch, 2, "binary")
     proba = blended(["class_0", "class_1"])
-    submit.main(["configs/tiny/ensemble.yaml"])
+    submit_stage.main(["configs/tiny/ensemble.yaml"])
     sub = pd.read_csv("submissions/tiny.csv", dtype={"image_id": str})
     assert list(sub.columns) == ["image_id", "target"] and list(sub["image_id"]) == SAMPLE_IDS
     np.testing.assert_allclose(sub["target"], proba[::-1, 1], rtol=1e-5)
@@ -64,7 +65,7 @@ def test_multiclass_probability_submission_in_sample_column_order(tmp_path, monk
     reordered = sample[["image_id", "class_2", "class_0", "class_3", "class_1"]]
     reordered.to_csv("data/tiny/sample_submission.csv", index=False)
     proba = blended(["class_0", "class_1", "class_2", "class_3"])
-    submit.main(["configs/tiny/ensemble.yaml"])
+    submit_stage.main(["configs/tiny/ensemble.yaml"])
     sub = pd.read_csv("submissions/tiny.csv", dtype={"image_id": str})
     assert list(sub.columns) == list(reordered.columns) and list(sub["image_id"]) == SAMPLE_IDS
     np.testing.assert_allclose(sub[["class_0", "class_1", "class_2", "class_3"]], proba[::-1],

@@ -4,7 +4,7 @@ import pandas as pd
 import torch
 from timm.data import Mixup
 
-from pipeline import tasks
+from pipeline.core import tasks
 
 
 def test_every_task_round_trips_through_json_and_activates_to_its_columns():
@@ -43,5 +43,5 @@ def test_balanced_weights_follow_the_train_frequencies():
             pos_weight = "balanced"
 
     train = pd.DataFrame({"target": ["a"] * 6 + ["b"] * 2})
-    assert tasks.Multiclass.build(train, ["a", "b"], Cfg).extra["class_weights"] == [8 / 12, 8 / 4]
-    assert tasks.Binary.build(train, ["a", "b"], Cfg).extra["pos_weight"] == [3.0]
+    assert tasks.Multiclass.build(train, ["a", "b"], Cfg).class_weights == (8 / 12, 8 / 4)
+    assert tasks.Binary.build(train, ["a", "b"], Cfg).pos_weight == (3.0,)

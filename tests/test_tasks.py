@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import ensemble, folds, infer, metrics, package, predict, submit, train
+from pipeline import ensemble, folds, infer, package, predict, submit, train
+from pipeline.core import metrics
 from task_data import make_task_competition
 
 MARGIN = {"accuracy": 0.3, "roc_auc": 0.25, "macro_f1": 0.3, "rmse": -1.0, "qwk": 0.4}

@@ -4,9 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import metrics, submit, tasks, thresholds
-from pipeline.competition import SubmissionFormat
-from pipeline.errors import UserError
+from pipeline.core import metrics, submission as submit, tasks, thresholds
+from pipeline.core.submission import SubmissionFormat
+from pipeline.core.errors import UserError
 
 RNG = np.random.default_rng(0)
 LABELS = tasks.Multilabel(["a", "b", "c"])
@@ -27,30 +27,30 @@ def shrunk_grades(n=300):
 
 def test_multilabel_thresholds_beat_the_default_in_sample_and_nested():
     y, p = shrunk_labels()
-    which = thresholds.kind("macro_f1", LABELS)
-    default = metrics.score("macro_f1", y, p, thresholds.default(which, LABELS))
+    which = LABELS.threshold_kind("macro_f1")
+    default = metrics.score("macro_f1", LABELS, y, p, thresholds.default(which, LABELS))
     tuned = thresholds.fit(which, "macro_f1", y, p, LABELS)
     folds = np.arange(len(y)) % 3
     nested, per_fold = thresholds.nested(which, "macro_f1", y, p, folds, LABELS)
-    assert default < 0.5 and metrics.score("macro_f1", y, p, tuned) > 0.9 and nested > 0.85
+    assert default < 0.5 and metrics.score("macro_f1", LABELS, y, p, tuned) > 0.9 and nested > 0.85
     assert set(per_fold) == {0, 1, 2} and np.all(tuned < 0.5)
 
 
 def test_ordinal_cut_points_beat_rounding():
     y, p = shrunk_grades()
-    which = thresholds.kind("qwk", ORDINAL)
-    rounding = metrics.score("qwk", y, p)
+    which = ORDINAL.threshold_kind("qwk")
+    rounding = metrics.score("qwk", ORDINAL, y, p)
     cuts = thresholds.fit(which, "qwk", y, p, ORDINAL)
     nested, _ = thresholds.nested(which, "qwk", y, p, np.arange(len(y)) % 3, ORDINAL)
-    assert metrics.score("qwk", y, p, cuts) > rounding and nested > rounding
+    assert metrics.score("qwk", ORDINAL, y, p, cuts) > rounding and nested > rounding
     assert np.all(np.diff(cuts[1]) > 0)
     assert thresholds.from_json(thresholds.to_json(which, cuts))[1].tolist() == cuts[1].tolist()
 
 
 def test_metrics_that_score_predictions_need_no_thresholds():
-    assert thresholds.kind("roc_auc", LABELS) is None and thresholds.kind("rmse", ORDINAL) is None
-    assert thresholds.kind("accuracy", tasks.Multiclass(["x", "y", "z"])) is None
-    assert thresholds.kind("accuracy", tasks.Binary(["x", "y"])) == "binary"
+    assert LABELS.threshold_kind("roc_auc") is None and ORDINAL.threshold_kind("rmse") is None
+    assert tasks.Multiclass(["x", "y", "z"]).threshold_kind("accuracy") is None
+    assert tasks.Binary(["x", "y"]).threshold_kind("accuracy") == "positive"
 
 
 def test_labels_and_columns_formats_apply_thresholds():
@@ -70,7 +70,7 @@ def test_ordinal_label_and_regression_value_formats(tmp_path):
     pred = np.array([[0.4], [2.6], [9.0]])
     out = submit.format_submission(fmt, ORDINAL, ["r1", "r2", "r3"], pred)
     assert out["grade"].tolist() == ["0", "3", "4"]
-    cuts = (ORDINAL.grades, np.array([0.3, 1.5, 2.7, 3.5]))
+    cuts = (np.asarray(ORDINAL.grades), np.array([0.3, 1.5, 2.7, 3.5]))
     assert submit.format_submission(fmt, ORDINAL, ["r1", "r2", "r3"], pred, cuts)["grade"].tolist() \
         == ["1", "2", "4"]
     value = SubmissionFormat("id", "value", ("y",), ("r1",))

@@ -5,8 +5,12 @@ import torch
 
 from conftest import EXPERIMENT, write_yaml
 from pipeline import folds, train
-from pipeline.config import load_experiment
-from pipeline.errors import UserError
+from pipeline.core import layout
+from pipeline.training import loop
+from pipeline.training.experiment import prepare
+from pipeline.training.kfold import train_experiment
+from pipeline.core.config import load_experiment
+from pipeline.core.errors import UserError
 
 STAGED = {
     "finetune": {"stages": [{"epochs": 1, "train": "head"}, {"epochs": 2, "train": "all"}]},
@@ -18,7 +22,7 @@ STAGED = {
 def setup(tiny, **experiment):
     write_yaml(tiny / "configs/tiny/exp.yaml", {**EXPERIMENT, **experiment})
     folds.main(["configs/tiny/competition.yaml"])
-    return train.prepare(load_experiment("configs/tiny/exp.yaml"))
+    return prepare(load_experiment("configs/tiny/exp.yaml"))
 
 
 def state_after(fold_dir):
@@ -31,19 +35,20 @@ TIMING = ["seconds", "images_per_s", "peak_mem_mb"]  # measured, so they differ 
 def test_resume_after_an_interruption_gives_the_same_oof_as_an_uninterrupted_run(tiny, monkeypatch):
     s = setup(tiny, **STAGED)
     epochs_run = []
-    real_epoch = train.train_epoch
-    monkeypatch.setattr(train, "train_epoch", lambda *a, **k: epochs_run.append(1) or real_epoch(*a, **k))
-    train.train_fold(s, 0, tiny / "straight")
+    real_epoch = loop.train_epoch
+    monkeypatch.setattr(loop, "train_epoch", lambda *a, **k: epochs_run.append(1) or real_epoch(*a, **k))
+    loop.train_fold(s, 0, tiny / "straight")
     interrupted = tiny / "interrupted"
-    train.train_fold(s, 0, interrupted, stop_after_epochs=1)
+    loop.train_fold(s, 0, interrupted, stop_after_epochs=1)
     assert (state_after(interrupted)["stage"], state_after(interrupted)["epoch"]) == (1, 0)
-    train.train_fold(s, 0, interrupted, stop_after_epochs=1)  # stops in the middle of stage 1
+    loop.train_fold(s, 0, interrupted, stop_after_epochs=1)  # stops in the middle of stage 1
     assert (state_after(interrupted)["stage"], state_after(interrupted)["epoch"]) == (1, 1)
     epochs_run.clear()
-    train.train_fold(s, 0, interrupted)
+    loop.train_fold(s, 0, interrupted)
     assert state_after(interrupted)["stage"] == 2 and len(epochs_run) == 1  # only the last epoch
 
-    a, b = train.fold_oof(s, 0, tiny / "straight"), train.fold_oof(s, 0, interrupted)
+    a = s.fold_oof(0, tiny / "straight/best.safetensors")
+    b = s.fold_oof(0, interrupted / "best.safetensors")
     assert a.equals(b)
     assert (tiny / "straight/best.safetensors").read_bytes() == (interrupted / "best.safetensors").read_bytes()
     logs = [pd.read_csv(d / "log.csv").drop(columns=TIMING) for d in (tiny / "straight", interrupted)]
@@ -52,7 +57,7 @@ def test_resume_after_an_interruption_gives_the_same_oof_as_an_uninterrupted_run
 
 def test_log_and_checkpoints_have_the_documented_columns(tiny):
     s = setup(tiny, train={"epochs": 2, "batch_size": 4, "lr": 0.003})
-    train.train_fold(s, 1, tiny / "fold1")
+    loop.train_fold(s, 1, tiny / "fold1")
     log = pd.read_csv(tiny / "fold1/log.csv")
     assert list(log.columns) == ["epoch", "stage", "stage_epoch", "trainable_groups", "train_loss",
                                  "val_loss", "val_metric", "lr_group0", "lr_group1", "lr_group2",
@@ -60,21 +65,21 @@ def test_log_and_checkpoints_have_the_documented_columns(tiny):
     assert list(log["epoch"]) == [0, 1] and log["val_metric"].between(0, 1).all()
     ckpt = torch.load(tiny / "fold1/last.pt", weights_only=True)
     assert ckpt["tag"] == s.tag and ckpt["state"]["step"] == 2 * 3
-    assert set(train.load_fold_model(s, tiny / "fold1").state_dict()) == set(ckpt["model"])
+    assert set(s.fold_model(1, tiny / "fold1/best.safetensors").state_dict()) == set(ckpt["model"])
 
 
 def test_checkpoint_from_another_config_is_not_resumed(tiny):
     s = setup(tiny, train={"epochs": 1, "batch_size": 4})
-    train.train_fold(s, 0, tiny / "fold0")
+    loop.train_fold(s, 0, tiny / "fold0")
     ckpt = torch.load(tiny / "fold0/last.pt", weights_only=True)
     torch.save({**ckpt, "tag": "another"}, tiny / "fold0/last.pt")
-    train.train_fold(s, 0, tiny / "fold0")
+    loop.train_fold(s, 0, tiny / "fold0")
     assert len(pd.read_csv(tiny / "fold0/log.csv")) == 1  # trained afresh, not appended
 
 
 def test_patience_ends_the_stage_early(tiny):
     s = setup(tiny, train={"epochs": 6, "batch_size": 4, "lr": 1e-9, "patience": 1})
-    train.train_fold(s, 0, tiny / "fold0")
+    loop.train_fold(s, 0, tiny / "fold0")
     assert len(pd.read_csv(tiny / "fold0/log.csv")) == 2  # no gain at a vanishing rate
 
 
@@ -83,13 +88,13 @@ def test_stage_errors_stop_the_run_before_any_work(tiny):
                {**EXPERIMENT, "finetune": {"stages": [{"epochs": 1, "train": 0}]}})
     folds.main(["configs/tiny/competition.yaml"])
     with pytest.raises(UserError, match=r"finetune\.stages\[0\]\.train: 0 groups"):
-        train.run(load_experiment("configs/tiny/exp.yaml"))
+        train_experiment(load_experiment("configs/tiny/exp.yaml"))
     assert not (tiny / "runs").exists() and not list((tiny / "cache").glob("*.npy"))
 
 
 def test_fold_option_trains_only_those_folds_and_the_oof_waits_for_all(tiny, capsys):
     setup(tiny, train={"epochs": 1, "batch_size": 4, "lr": 0.003})
-    run_dir = load_experiment("configs/tiny/exp.yaml").run_dir
+    run_dir = layout.Run.of("tiny", "exp").dir
     train.main(["configs/tiny/exp.yaml", "--fold", "1"])
     assert (run_dir / "fold1/oof.csv").is_file() and not (run_dir / "fold0").exists()
     assert not (run_dir / "oof.csv").exists() and not (run_dir / "scores.json").exists()

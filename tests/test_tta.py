@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import tta
-from pipeline.augment import eval_transform
-from pipeline.config import ViewSet
-from pipeline.tta import View
+from pipeline.models import tta
+from pipeline.data.augment import eval_transform
+from pipeline.core.config import ViewSet
+from pipeline.models.tta import View
 
 SIDE, SIZE = 19, 16  # odd margin: the centre crop must round like the train stage's
 

@@ -14,9 +14,13 @@ from optuna.trial import TrialState
 
 from conftest import EXPERIMENT, write_yaml
 from pipeline import folds, tune
-from pipeline.config import config_hash, experiment_data, load_experiment
-from pipeline.errors import UserError
-from pipeline.search_space import Param, parse_space, split_path
+from pipeline.tuning import study as tuning_study
+from pipeline.tuning.results import tuned_yaml
+from pipeline.tuning.run import tune_experiment
+from pipeline.tuning.trials import objective
+from pipeline.core.config import config_hash, experiment_data, load_experiment
+from pipeline.core.errors import UserError
+from pipeline.tuning.space import Param, parse_space, split_path
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {"stages": [{"epochs": 1, "train": "head"}, {"epochs": 2, "train": "all"}]}
@@ -115,7 +119,7 @@ def test_a_search_space_leaves_the_run_tag_alone_and_a_tune_file_merges_over_the
 
 def test_trial_seeded_sampler_repeats_a_study_and_differs_between_trials():
     def draws():
-        study = optuna.create_study(sampler=tune.make_sampler("tpe", 3))
+        study = optuna.create_study(sampler=tuning_study.make_sampler("tpe", 3))
         study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=4)
         return [t.params["x"] for t in study.trials]
 
@@ -133,7 +137,7 @@ def tune_setup(tiny, **tune_section):
 
 def test_a_study_writes_a_tuned_config_that_differs_only_in_the_tuned_keys(tiny):
     tune_setup(tiny)
-    summary = tune.run("configs/tiny/exp.yaml")
+    summary = tune_experiment("configs/tiny/exp.yaml")
     out = tiny / "runs/tiny/exp/tune"
     study = optuna.load_study(study_name="tiny-exp", storage=f"sqlite:///{out / 'study.db'}")
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
@@ -164,13 +168,13 @@ def test_a_study_writes_a_tuned_config_that_differs_only_in_the_tuned_keys(tiny)
                                                         "intermediate.png"))
 
     written = tuned_file.stat().st_mtime_ns
-    assert tune.run("configs/tiny/exp.yaml")["trials"]["complete"] == 3  # done: no new trial
+    assert tune_experiment("configs/tiny/exp.yaml")["trials"]["complete"] == 3  # done: no new trial
     assert tuned_file.stat().st_mtime_ns == written  # unchanged, so make keeps its run
 
 
 def test_the_tuned_config_keeps_the_overrides_the_trials_trained_with(tiny):
     tune_setup(tiny)
-    text = tune.tuned_yaml(Path("configs/tiny/exp.yaml"), experiment_data("configs/tiny/exp.yaml"),
+    text = tuned_yaml(Path("configs/tiny/exp.yaml"), experiment_data("configs/tiny/exp.yaml"),
                            {"train.lr": 0.005}, "note\nmore",
                            ["train.batch_size=4", "tune.trials=9", "trials=9"])
     assert text.startswith("# note\n# more\ncompetition: competition.yaml\n")
@@ -183,7 +187,7 @@ def test_a_pruned_trial_leaves_no_checkpoint_behind(tiny):
     cfg = load_experiment("configs/tiny/exp.yaml")
     data = experiment_data("configs/tiny/exp.yaml")
     study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(lower=2.0))  # prunes all
-    study.optimize(tune.objective(cfg, data, parse_space(data), study), n_trials=1)
+    study.optimize(objective(cfg, data, parse_space(data), study), n_trials=1)
     trial = study.trials[0]
     assert trial.state == TrialState.PRUNED and list(trial.intermediate_values) == [0]
     assert trial.user_attrs["epochs"] == 1
@@ -193,9 +197,9 @@ def test_a_pruned_trial_leaves_no_checkpoint_behind(tiny):
 
 def test_a_changed_space_refuses_the_old_study(tiny):
     tune_setup(tiny, trials=1)
-    tune.run("configs/tiny/exp.yaml")
+    tune_experiment("configs/tiny/exp.yaml")
     with pytest.raises(UserError, match=r"was run with other settings \(folds\); set another"):
-        tune.run("configs/tiny/exp.yaml", ["tune.folds=all"])
+        tune_experiment("configs/tiny/exp.yaml", ["tune.folds=all"])
 
 
 def _worker(tiny: Path) -> subprocess.Popen:
@@ -227,7 +231,7 @@ def test_two_workers_share_a_study_and_a_killed_workers_trial_is_retried(tiny):
     assert b.wait(timeout=120) == 0, b.stderr.read().decode()[-2000:]
 
     trials = optuna.load_study(study_name="tiny-exp", storage=f"sqlite:///{db}").trials
-    done = [t for t in trials if t.state in tune.DONE]
+    done = [t for t in trials if t.state in tuning_study.DONE]
     assert len(done) == 3 and len({t.number for t in trials}) == len(trials)
     assert trials[killed.number].state == TrialState.FAIL  # not a result
     retry = [t for t in done if t.user_attrs.get("retry_of") == killed.number]

@@ -2,8 +2,11 @@
 import shutil
 from pathlib import Path
 
-from pipeline import demo, folds, train
-from pipeline.config import ExperimentConfig
+from pipeline.core import layout
+from pipeline.core.config import ExperimentConfig, load_competition
+from pipeline.core.splits import write_folds
+from pipeline.datasets import digits
+from pipeline.training.kfold import train_experiment
 
 CONFIGS = Path("configs/digits")
 
@@ -17,12 +20,12 @@ def experiment_configs() -> list[Path]:
 
 def ensure_demo_inputs() -> None:
     """The digits competition folder and its fold file, built where missing."""
-    demo.build()
-    if not folds.folds_path("digits").is_file():
-        folds.main([str(CONFIGS / "competition.yaml")])
+    digits.build()
+    if not layout.folds_file("digits").is_file():
+        write_folds(load_competition(CONFIGS / "competition.yaml"))
 
 
 def train_afresh(cfg: ExperimentConfig) -> dict:
     """Train every fold from scratch, so every number a report shows comes from this run."""
-    shutil.rmtree(cfg.run_dir, ignore_errors=True)
-    return train.run(cfg)
+    shutil.rmtree(layout.Run.of(cfg.name, cfg.experiment).dir, ignore_errors=True)
+    return train_experiment(cfg)

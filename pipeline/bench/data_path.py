@@ -1,10 +1,10 @@
 """Data-path throughput: does loading and augmentation starve the model?
 
 Per demo experiment (configs/digits/*.yaml; models built untrained, every layer trainable):
-- real: the train stage's epoch, `train.train_epoch` over fold 0's loader exactly as
-  `train_fold` builds it (memory-mapped cache, the experiment's augmentation, batch size,
-  workers, mixup), normalisation and the model's optimizer step;
-- synthetic: the same `train.train_epoch` and model over in-memory random uint8 batches of the
+- real: the train stage's epoch, `train_epoch` (pipeline.training.loop) over fold 0's loader
+  exactly as `train_fold` builds it (memory-mapped cache, the experiment's augmentation, batch
+  size, workers, mixup), normalisation and the model's optimizer step;
+- synthetic: the same `train_epoch` and model over in-memory random uint8 batches of the
   same shape (so only the loader and augmentation differ).
 After a warm-up, each repetition runs real and synthetic back to back, alternating which goes
 first, so load from other processes hits both alike. Reported: median images/s of each, the
@@ -32,12 +32,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import finetune, train
-from pipeline.augment import train_transform
 from pipeline.bench import CONFIGS, ensure_demo_inputs, experiment_configs
-from pipeline.config import ExperimentConfig, load_experiment
-from pipeline.cpu import spare_core
-from pipeline.data import EpochLoaders, PerImage, normalize
+from pipeline.core.config import ExperimentConfig, load_experiment
+from pipeline.data.augment import train_transform
+from pipeline.data.loader import EpochLoaders, PerImage, normalize
+from pipeline.models import finetune
+from pipeline.runtime.cpu import spare_core
+from pipeline.training.experiment import Experiment, prepare
+from pipeline.training.loop import (Fold, LoopState, build_optimizer, epoch_loader, init_model,
+                                    make_mixer, steps_per_epoch, train_dataset, train_epoch)
 
 TARGET = 0.90
 MAX_REPS, MIN_REPS = 9, 3  # interleaved repetitions, as many as fit BUDGET_S per experiment
@@ -48,40 +51,38 @@ FOLD = 0
 class Arm:
     """One side of the comparison: a callable running one epoch, and its batch count."""
 
-    def __init__(self, s: train.Setup, model, optimizer, mixer, batches, close=lambda: None):
-        self.s, self.model, self.optimizer, self.mixer = s, model, optimizer, mixer
+    def __init__(self, fold: Fold, batches, close=lambda: None):
+        self.fold, self.exp = fold, fold.exp  # its model, optimizer and mixer
         self.batches = batches  # () -> iterable of (uint8 x, y)
         self.close = close  # stops what the arm left running (a loader made ahead)
-        self.state = dict(step=0)
-        self.scaler = s.rt.grad_scaler()
+        self.state = LoopState()
 
     def epoch(self) -> int:
         """Run one epoch; returns the number of images it trained on."""
         loader = self.batches()
         with contextlib.redirect_stderr(io.StringIO()):  # the progress bar, alike in both arms
-            train.train_epoch(self.s, self.model, loader, self.optimizer, [1.0] * len(loader), 0,
-                              None, self.mixer, self.state, "bench", self.scaler)
-        return len(loader) * self.s.cfg.train.batch_size
+            train_epoch(self.fold, self.state, loader, [1.0] * len(loader), 0, "bench")
+        return len(loader) * self.exp.cfg.train.batch_size
 
     def rate(self, epochs: int) -> float:
         start, images = time.perf_counter(), 0
         for _ in range(epochs):
             images += self.epoch()
-        self.s.rt.synchronize()
+        self.exp.rt.synchronize()
         return images / (time.perf_counter() - start)
 
 
-def real_loader(s: train.Setup, rows: np.ndarray, per_image: bool = False):
+def real_loader(exp: Experiment, rows: np.ndarray, per_image: bool = False):
     """Fold 0's training loaders, made as `train_fold` makes them, one new epoch per call.
 
     `per_image` swaps the batched augmentation for albumentations image by image (the path
     custom lists with unbatched transforms take), to show what batching buys. Also returns
     the function that stops the loader made ahead.
     """
-    ds = train.train_dataset(s, FOLD, rows)
+    ds = train_dataset(exp, FOLD, rows)
     if per_image:
-        ds.augment = PerImage(train_transform(s.cfg.augment, s.cfg.image_size, s.cfg.seed))
-    loaders = EpochLoaders(lambda e: train.epoch_loader(s, ds, FOLD, e), 10**9)
+        ds.augment = PerImage(train_transform(exp.cfg.augment, exp.cfg.image_size, exp.cfg.seed))
+    loaders = EpochLoaders(lambda e: epoch_loader(exp, ds, FOLD, e), 10**9)
     epoch = iter(range(10**9))
     return (lambda: loaders.get(next(epoch))), loaders.close
 
@@ -96,52 +97,51 @@ def interleaved_rates(a: Arm, b: Arm, epochs: int, reps: int) -> tuple[list[floa
     return rates_a, rates_b
 
 
-def synthetic_loader(s: train.Setup, n_batches: int):
+def synthetic_loader(exp: Experiment, n_batches: int):
     """`n_batches` random uint8 batches and labels in the device's memory, cycling through four."""
-    cfg = s.cfg
+    cfg = exp.cfg
     gen = torch.Generator().manual_seed(0)
     shape = (cfg.train.batch_size, cfg.data.channels, cfg.image_size, cfg.image_size)
-    pool = [s.rt.to_device(torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen),
-                           torch.randint(0, len(s.comp.classes), shape[:1], generator=gen))
+    pool = [exp.rt.to_device(torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen),
+                             torch.randint(0, len(exp.comp.classes), shape[:1], generator=gen))
             for _ in range(4)]
     data = [pool[i % len(pool)] for i in range(n_batches)]
     return lambda: data
 
 
-def setup(cfg: ExperimentConfig) -> tuple[train.Setup, float]:
+def setup(cfg: ExperimentConfig) -> tuple[Experiment, float]:
     start = time.perf_counter()
-    s = train.prepare(cfg)
-    return s, time.perf_counter() - start
+    exp = prepare(cfg)
+    return exp, time.perf_counter() - start
 
 
-def with_layout(s: train.Setup, channels_last: bool) -> train.Setup:
-    layout = s.cfg.train.model_copy(update={"channels_last": channels_last})
-    cfg = s.cfg.model_copy(update={"train": layout})
-    return dataclasses.replace(s, cfg=cfg)
+def with_layout(exp: Experiment, channels_last: bool) -> Experiment:
+    layout = exp.cfg.train.model_copy(update={"channels_last": channels_last})
+    cfg = exp.cfg.model_copy(update={"train": layout})
+    return dataclasses.replace(exp, cfg=cfg)
 
 
-def channels_last_speedup(s: train.Setup, mixer, n_batches: int, epochs: int, reps: int) -> float:
+def channels_last_speedup(exp: Experiment, n_batches: int, epochs: int, reps: int) -> float:
     """Synthetic-step images/s in NHWC over NCHW layout (median of interleaved repetitions)."""
     arms = []
     for channels_last in (False, True):
-        s_layout = with_layout(s, channels_last)
-        model, optimizer = model_and_optimizer(s_layout)
-        arms.append(Arm(s_layout, model, optimizer, mixer, synthetic_loader(s, n_batches)))
+        in_layout = with_layout(exp, channels_last)
+        arms.append(Arm(bench_fold(in_layout), synthetic_loader(exp, n_batches)))
         arms[-1].rate(1)  # warm-up
     nchw, nhwc = interleaved_rates(*arms, epochs, reps)
     return statistics.median(b / a for a, b in zip(nchw, nhwc))
 
 
 def fold_arms(cfg: ExperimentConfig, per_image: bool = False):
-    """Fold 0's setup and rows, and its real and synthetic arms sharing one model and optimizer."""
-    s, _ = setup(cfg)
-    rows = np.flatnonzero(s.folds != FOLD)
-    model, optimizer = model_and_optimizer(s)
-    mixer = train.make_mixer(cfg, len(s.comp.classes))
-    real = Arm(s, model, optimizer, mixer, *real_loader(s, rows, per_image))
-    n_batches = train.steps_per_epoch(len(rows), cfg.train.batch_size)  # a real epoch's
-    synthetic = Arm(s, model, optimizer, mixer, synthetic_loader(s, n_batches))
-    return s, rows, real, synthetic
+    """Fold 0's experiment and rows, and its real and synthetic arms sharing one model and
+    optimizer."""
+    exp, _ = setup(cfg)
+    rows = np.flatnonzero(exp.folds != FOLD)
+    fold = bench_fold(exp)
+    real = Arm(fold, *real_loader(exp, rows, per_image))
+    n_batches = steps_per_epoch(len(rows), cfg.train.batch_size)  # a real epoch's
+    synthetic = Arm(fold, synthetic_loader(exp, n_batches))
+    return exp, rows, real, synthetic
 
 
 def per_image_ratio(path: Path) -> float:
@@ -153,23 +153,24 @@ def per_image_ratio(path: Path) -> float:
     return statistics.median(a / b for a, b in zip(slow_rates, synth_rates))
 
 
-def model_and_optimizer(s: train.Setup):
-    """The fold's model and AdamW over its layer groups, as `train_fold` builds them."""
-    cfg, tc = s.cfg, s.cfg.train
-    model = train.init_model(s, FOLD).train()
+def bench_fold(exp: Experiment) -> Fold:
+    """Fold 0's model (every layer training), AdamW over its layer groups and mixer, as
+    `train_fold` builds them."""
+    model = init_model(exp, FOLD).train()
     groups = finetune.layer_groups(model)
-    lrs = finetune.group_lrs(tc.lr, len(groups), cfg.finetune.lr_decay, cfg.finetune.layer_decay)
-    return model, torch.optim.AdamW(finetune.param_groups(model, groups, lrs, tc.weight_decay))
+    rows = np.flatnonzero(exp.folds != FOLD)
+    return Fold(exp, FOLD, Path(), model, groups, [], build_optimizer(exp.cfg, model, groups),
+                None, exp.rt.grad_scaler(), make_mixer(exp.cfg, len(exp.comp.classes)),
+                train_dataset(exp, FOLD, rows), np.flatnonzero(exp.folds == FOLD),
+                steps_per_epoch(len(rows), exp.cfg.train.batch_size))
 
 
 def cold_and_warm(path: Path, rows: np.ndarray) -> dict:
     """First epoch on a fresh cache (decode + resize all images, then train) vs opening it again."""
     with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp:
         cfg = load_experiment(path, ["model.pretrained=false", f"data.cache_dir={tmp}"])
-        s, build = setup(cfg)
-        model, optimizer = model_and_optimizer(s)
-        arm = Arm(s, model, optimizer, train.make_mixer(cfg, len(s.comp.classes)),
-                  *real_loader(s, rows))
+        exp, build = setup(cfg)
+        arm = Arm(bench_fold(exp), *real_loader(exp, rows))
         start = time.perf_counter()
         arm.epoch()
         first = build + time.perf_counter() - start
@@ -180,7 +181,7 @@ def cold_and_warm(path: Path, rows: np.ndarray) -> dict:
 
 def bench_experiment(path: Path) -> dict:
     cfg = load_experiment(path, ["model.pretrained=false"])
-    s, rows, real, synthetic = fold_arms(cfg)
+    exp, rows, real, synthetic = fold_arms(cfg)
     n_batches = len(synthetic.batches())
     cache = cold_and_warm(path, rows)
 
@@ -192,14 +193,14 @@ def bench_experiment(path: Path) -> dict:
     real.close()
     ratios = [r / q for r, q in zip(real_rates, synth_rates)]
     later = images / statistics.median(real_rates)
-    nhwc = channels_last_speedup(s, real.mixer, min(n_batches, 6), epochs, MIN_REPS)
+    nhwc = channels_last_speedup(exp, min(n_batches, 6), epochs, MIN_REPS)
     return dict(experiment=cfg.experiment, model=cfg.model.backbone, size=cfg.image_size,
-                side=s.side, preset="custom" if cfg.augment.custom else cfg.augment.preset,
+                side=exp.side, preset="custom" if cfg.augment.custom else cfg.augment.preset,
                 loader=loader_kind(cfg.train.num_workers), batch=cfg.train.batch_size,
                 epochs=epochs, reps=reps,
                 real=statistics.median(real_rates), synthetic=statistics.median(synth_rates),
                 ratio=statistics.median(ratios), later_epoch_s=later,
-                normalize_us=normalize_cost(synthetic.batches()[0][0], s.spec),
+                normalize_us=normalize_cost(synthetic.batches()[0][0], exp.spec),
                 channels_last=cfg.train.channels_last, nhwc_speedup=nhwc, **cache)
 
 

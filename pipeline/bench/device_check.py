@@ -22,11 +22,11 @@ import yaml
 from PIL import Image
 from skimage import data as samples
 
-from pipeline import folds
-from pipeline.artifacts import write_csv, write_text
 from pipeline.bench import data_path, tta
-from pipeline.config import load_experiment
-from pipeline.device import resolve_device
+from pipeline.core.artifacts import write_csv, write_text
+from pipeline.core.config import load_competition, load_experiment
+from pipeline.core.splits import write_folds
+from pipeline.runtime.device import resolve_device
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field",
           "immunohistochemistry", "retina", "colorwheel")
@@ -83,12 +83,12 @@ def write_configs(folder: Path, size: int, batch: int, device: str) -> list[Path
 def measure(path: Path) -> dict:
     """Data-path and TTA ratios of one experiment (as `make bench` measures them)."""
     cfg = load_experiment(path)
-    s, rows, real, synthetic = data_path.fold_arms(cfg)
+    exp, rows, real, synthetic = data_path.fold_arms(cfg)
     real.rate(1), synthetic.rate(1)  # warm-up (cuDNN picks its kernels)
     real_rates, synth_rates = data_path.interleaved_rates(real, synthetic, 1, data_path.MIN_REPS)
     real.close()
     views = tta.bench_experiment(path)
-    return dict(experiment=cfg.experiment, device=s.rt.describe(), size=cfg.image_size,
+    return dict(experiment=cfg.experiment, device=exp.rt.describe(), size=cfg.image_size,
                 batch=cfg.train.batch_size, real=statistics.median(real_rates),
                 synthetic=statistics.median(synth_rates),
                 ratio=statistics.median(r / q for r, q in zip(real_rates, synth_rates)),
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     size, batch, n_images = (224, 128, 2048) if gpu else (32, 8, 32)
     build_photos(ROOT, n_images, int(size / 0.875))
     configs = write_configs(CONFIGS, size, batch, args.device)
-    folds.main([str(configs[0].parent / "competition.yaml")])
+    write_folds(load_competition(configs[0].parent / "competition.yaml"))
     print(f"Device check: {n_images} photos, {size} px, heavy preset, channels_last, "
           f"precision auto; ratio = training stage / the step on random batches on the device "
           f"(goal >= {data_path.TARGET:.2f}); TTA = ten_crop views/s / plain images/s")

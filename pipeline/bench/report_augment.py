@@ -15,12 +15,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import demo, predict, train
-from pipeline.artifacts import write_text
-from pipeline.augment import preset
 from pipeline.bench import ensure_demo_inputs, train_afresh
 from pipeline.bench.report_tta import held_out_accuracy
-from pipeline.config import load_experiment
+from pipeline.core.artifacts import write_text
+from pipeline.core.config import load_experiment
+from pipeline.data.augment import preset
+from pipeline.datasets import digits
+from pipeline.training.experiment import prepare
 
 CONFIG = Path("configs/digits/lenet5.yaml")
 REPORT = Path("reports/augment.md")
@@ -31,12 +32,12 @@ def evaluate(name: str) -> dict:
     """Train LeNet-5 with preset `name` afresh, then score its OOF and held-out predictions."""
     cfg = load_experiment(CONFIG, [f"augment.preset={name}", f"experiment=augment_report_{name}"])
     scores = train_afresh(cfg)
-    s = train.prepare(cfg)
-    _, test = predict.predict_folds(s, ["none"])
+    exp = prepare(cfg)
+    test = exp.predict_test(["none"])
     steps = [type(t).__name__
              for t in preset(name, cfg.image_size, cfg.augment.hflip, cfg.augment.vflip)]
     return dict(preset=name, cv=scores["cv"], per_fold=list(scores["per_fold"].values()),
-                held_out=held_out_accuracy(s, test["none"], demo.ROOT / "solution.csv"),
+                held_out=held_out_accuracy(exp, test["none"], digits.ROOT / "solution.csv"),
                 steps=steps, epochs=cfg.train.epochs)
 
 
@@ -87,7 +88,7 @@ def render(results: list[dict], n_train: int, n_test: int, n_folds: int) -> str:
         "unaugmented run, which fits the training set sooner. The comparison is at equal epochs, "
         "as trained by the demo config, not at each preset's best epoch count.",
         "- The batched data path runs the same albumentations pipelines a batch at a time "
-        "(`pipeline/batch_augment.py`); `make bench` measures what it costs each demo model's "
+        "(`pipeline/data/batch_augment.py`); `make bench` measures what it costs each demo model's "
         "training step (the most for LeNet-5, whose step is the cheapest).",
         "",
     ]

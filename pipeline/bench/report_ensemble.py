@@ -10,11 +10,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipeline import blend, ensemble, ensemble_report
-from pipeline.artifacts import write_text
 from pipeline.bench import experiment_configs
-from pipeline.config import load_ensemble
-from pipeline.errors import cli
+from pipeline.blending import blend
+from pipeline.blending.run import run_ensemble
+from pipeline.core.artifacts import write_text
+from pipeline.core.config import load_ensemble
+from pipeline.core.errors import cli
+from pipeline.reports import ensemble as ensemble_report
 
 CONFIG = Path("configs/digits/ensemble.yaml")
 REPORT = Path("reports/ensemble.md")
@@ -62,7 +64,7 @@ def main() -> None:
     for mode in dict.fromkeys([configured, *blend.MODES, "tune"]):
         overrides = [f"experiments=[{', '.join(experiments)}]", f"mode={mode}",
                      f"experiment=report-ensemble-{mode}"]
-        results[mode] = ensemble.run(load_ensemble(CONFIG, overrides))
+        results[mode] = run_ensemble(load_ensemble(CONFIG, overrides))
     write_text(render(results, configured), REPORT)
     print(f"report_ensemble: wrote {REPORT}", file=sys.stderr)
 

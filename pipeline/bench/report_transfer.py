@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline import weights
-from pipeline.artifacts import write_text
 from pipeline.bench import ensure_demo_inputs, train_afresh
-from pipeline.config import ExperimentConfig, load_experiment
+from pipeline.core import layout
+from pipeline.core.artifacts import write_text
+from pipeline.core.config import ExperimentConfig, load_experiment
+from pipeline.models.pretrained import convert_lite0
 
 CONFIG = Path("configs/digits/lite0.yaml")
 REPORT = Path("reports/transfer.md")
@@ -46,7 +47,8 @@ def evaluate(experiment: str, overrides: list[str]) -> dict:
     started = time.perf_counter()
     scores = train_afresh(cfg)
     minutes = (time.perf_counter() - started) / 60
-    logs = [pd.read_csv(cfg.run_dir / f"fold{k}" / "log.csv") for k in range(cfg.folds.n_splits)]
+    run = layout.Run.of(cfg.name, cfg.experiment)
+    logs = [pd.read_csv(run.log(k)) for k in range(cfg.folds.n_splits)]
     first = sum(log["val_metric"].iloc[0] for log in logs) / len(logs)
     return dict(cfg=cfg, cv=scores["cv"], per_fold=list(scores["per_fold"].values()),
                 first_epoch=first, minutes=minutes)
@@ -92,7 +94,7 @@ def main() -> None:
     ensure_demo_inputs()
     base = load_experiment(CONFIG)
     if not Path(str(base.model.pretrained)).is_file():
-        weights.convert_file(Path(str(base.model.pretrained)))
+        convert_lite0(Path(str(base.model.pretrained)))
     rows = []
     for experiment, desc, overrides in variants():
         print(f"report_transfer: {experiment} ({desc})", file=sys.stderr)

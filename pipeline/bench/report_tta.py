@@ -15,21 +15,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import demo, metrics, predict, train
-from pipeline.artifacts import write_text
 from pipeline.bench import CONFIGS, ensure_demo_inputs, train_afresh
-from pipeline.config import load_experiment
-from pipeline.tta import VIEW_SETS
+from pipeline.core import metrics
+from pipeline.core.artifacts import write_text
+from pipeline.core.config import load_experiment
+from pipeline.datasets import digits
+from pipeline.models.tta import VIEW_SETS
+from pipeline.training.experiment import Experiment, prepare
 
 REPORT = Path("reports/tta.md")
 VARIANTS = (("lenet5", None), ("resnet10t", None), ("lenet5", 0.875), ("resnet10t", 0.875))
 MERGES = ("mean", "geometric")
 
 
-def held_out_accuracy(s: train.Setup, proba: np.ndarray, solution: Path) -> float:
+def held_out_accuracy(exp: Experiment, proba: np.ndarray, solution: Path) -> float:
     """Accuracy of test probabilities (rows in sample_submission order) against solution.csv."""
     truth = pd.read_csv(solution, dtype=str).set_index("id")["label"]
-    predicted = pd.Series(np.asarray(s.comp.classes)[proba.argmax(1)], index=s.comp.test["id"])
+    predicted = pd.Series(np.asarray(exp.comp.classes)[proba.argmax(1)], index=exp.comp.test["id"])
     return float((predicted.loc[truth.index] == truth).mean())
 
 
@@ -41,18 +43,18 @@ def evaluate(backbone: str, crop_pct: float | None) -> dict:
     cv = train_afresh(load_experiment(path, base))["cv"]
     cells = {}
     for merge in MERGES:
-        s = train.prepare(load_experiment(path, base + [f"tta.merge={merge}"]))
-        predict.read_scores(s)
-        oof, test = predict.predict_folds(s, list(VIEW_SETS))
+        exp = prepare(load_experiment(path, base + [f"tta.merge={merge}"]))
+        exp.trained_scores()
+        oof, test = exp.predict_oof(list(VIEW_SETS)), exp.predict_test(list(VIEW_SETS))
         for v in VIEW_SETS:
-            cells[merge, v] = (metrics.score("accuracy", s.labels, oof[v]),
-                               held_out_accuracy(s, test[v], demo.ROOT / "solution.csv"))
-    return dict(name=name, backbone=backbone, crop_pct=s.spec.crop_pct, size=s.cfg.image_size,
-                side=s.side, cv=cv, cells=cells)
+            cells[merge, v] = (metrics.score("accuracy", exp.comp.task, exp.comp.y, oof[v]),
+                               held_out_accuracy(exp, test[v], digits.ROOT / "solution.csv"))
+    return dict(name=name, backbone=backbone, crop_pct=exp.spec.crop_pct, size=exp.cfg.image_size,
+                side=exp.side, cv=cv, cells=cells)
 
 
 def auto_pick(r: dict, merge: str) -> str:
-    return predict.best_view_set("accuracy", {v: r["cells"][merge, v][0] for v in VIEW_SETS})
+    return metrics.best_key("accuracy", {v: r["cells"][merge, v][0] for v in VIEW_SETS})
 
 
 def summary(results: list[dict]) -> str:
@@ -84,7 +86,7 @@ def render(results: list[dict], n_train: int, n_test: int, n_folds: int) -> str:
         f"Written by `make reports` (`pipeline/bench/report_tta.py`) on {today}. Digits demo: "
         f"{n_train} train images in {n_folds} folds, {n_test} held-out test images.",
         "Each experiment is trained in its own folder (`runs/digits/tta_report_*`; the demo's "
-        "runs are untouched), then the predict stage's `predict_folds` scores every view set "
+        "runs are untouched), then the predict stage's `predict_oof` and `predict_test` score every view set "
         "from one pass per merge.",
         "",
         "Each cell is **CV / held-out** accuracy. CV: the TTA'd OOF (each fold's model on its own "

@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline import tta
 from pipeline.bench import experiment_configs
-from pipeline.config import load_experiment
-from pipeline.data import normalize, to_memory_format
-from pipeline.device import Runtime, runtime
-from pipeline.models import cache_size, create_model, input_spec
+from pipeline.core.config import load_experiment
+from pipeline.data.loader import normalize, to_memory_format
+from pipeline.models import tta
+from pipeline.models.factory import cache_size, create_model, input_spec
+from pipeline.runtime.device import Runtime, runtime
 
 TARGET = 0.90
 MIN_REPS, MAX_REPS, BATCHES, WARMUP = 3, 15, 2, 2

@@ -1,0 +1,79 @@
+"""Atomic artifact writing: temp file in the same folder, then rename."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+
+from pipeline.core.errors import UserError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it over `path` only on success."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise UserError(f"{path.parent}: output folder is not writable ({err.strerror})") from None
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+CSV_FLOAT = "%.8g"
+
+
+def write_csv(df: pd.DataFrame, path: str | os.PathLike,
+              float_format: str | None = CSV_FLOAT) -> None:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False, float_format=float_format)
+
+
+def as_written(values: np.ndarray) -> np.ndarray:
+    """A float array as the next stage reads it back from `write_csv`'s file: written with
+    CSV_FLOAT, parsed by pandas. Code that hands values on in memory (infer) rounds through
+    this, so it computes with the very numbers the file-based stages do."""
+    text = pd.DataFrame(np.asarray(values)).to_csv(index=False, float_format=CSV_FLOAT)
+    return pd.read_csv(io.StringIO(text)).to_numpy(np.float64)
+
+
+def write_json(obj, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_text(text: str, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read a MiB at a time (weights files can be large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_hash(path: str | os.PathLike) -> str:
+    """Short sha256 of a file's bytes."""
+    return sha256(path)[:16]
+
+
+def text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

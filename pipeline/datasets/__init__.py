@@ -1,0 +1,1 @@
+"""Competitions built from offline data: the digits demo."""

@@ -1,0 +1,1 @@
+"""Inference packages for code competitions: manifest, building, and the offline reader."""

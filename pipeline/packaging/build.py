@@ -1,0 +1,120 @@
+"""Building an inference package from an ensemble's runs (`make package`): each blended
+experiment's fold weights (`half`: float16, loaded back as float32) and prediction spec (model,
+input, the TTA views its predict stage chose), the blend, the task, classes and submission
+format, a wheel of this project's code, and the manifest. Built in a temporary folder and
+renamed into place, so a finished package is only ever replaced by a complete one.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from pipeline.core import layout
+from pipeline.core.artifacts import write_json
+from pipeline.core.competition import Competition, load_competition_data
+from pipeline.core.config import EnsembleConfig, load_experiment
+from pipeline.core.errors import UserError
+from pipeline.models.predictor import save_weights
+from pipeline.packaging.manifest import manifest
+from pipeline.training.experiment import prepare
+
+SOURCE = Path(__file__).resolve().parents[2]  # the project: pyproject.toml and pipeline/
+
+
+def build_wheel(dest: Path) -> Path:
+    """A wheel of this project's `pipeline` package (no tests, no dependencies) in `dest`."""
+    if not (SOURCE / "pyproject.toml").is_file():
+        raise UserError(f"{SOURCE}: no pyproject.toml; package from the project's source tree")
+    with tempfile.TemporaryDirectory() as work:
+        shutil.copy(SOURCE / "pyproject.toml", work)
+        shutil.copytree(SOURCE / "pipeline", Path(work) / "pipeline",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
+                               "--no-build-isolation", "--quiet", "--wheel-dir", str(dest), work],
+                              capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise UserError(f"building the project wheel failed: {last}")
+    return next(dest.glob("*.whl"))
+
+
+def chosen_views(cfg, scores: dict, path: Path) -> str:
+    """The view set the experiment's predict stage chose, refusing one predicted with other TTA."""
+    views = scores.get("tta_views")
+    if views is None or scores.get("tta_merge") != cfg.tta.merge or \
+            cfg.tta.views not in ("auto", views):
+        raise UserError(f"{path}: not predicted with the experiment's current TTA settings; "
+                        f"run `make predict COMP={cfg.name}`")
+    return views
+
+
+def add_experiment(config: Path, pkg: layout.Package, half: bool) -> int:
+    """The experiment's prediction spec and fold weights in the package; returns its number
+    of folds."""
+    exp = prepare(load_experiment(config))
+    views = chosen_views(exp.cfg, exp.trained_scores(), exp.run.scores)
+    name, n_folds = exp.cfg.experiment, exp.cfg.folds.n_splits
+    for k in range(n_folds):
+        save_weights(exp.run.best(k), pkg.weights(name, k), half)
+    write_json(dict(exp.predict_spec([views]).to_json(), folds=n_folds,
+                    weights="float16" if half else "float32"), pkg.settings(name))
+    return n_folds
+
+
+def describe(cfg: EnsembleConfig, comp: Competition, thresholds: dict | None = None) -> dict:
+    """package.json: what the submission needs besides the predictions (the task, the
+    ensemble's decision thresholds, the format)."""
+    return dict(name=cfg.name, task=cfg.task, classes=list(comp.classes),
+                task_spec=comp.task.to_json(), thresholds=thresholds,
+                image_suffix=cfg.data.image_suffix, submission=comp.submission.to_json())
+
+
+def read_blend(cfg: EnsembleConfig) -> dict:
+    path = layout.Run.of(cfg.name, cfg.experiment).weights
+    if not path.is_file():
+        raise UserError(f"{path}: not found; run `make ensemble COMP={cfg.name}` first")
+    result = json.loads(path.read_text())
+    names = result["experiments"]
+    return dict(experiments=names, weights=[result["weights"][n] for n in names],
+                mode=result["mode"], thresholds=result.get("thresholds"))
+
+
+def build(cfg: EnsembleConfig, config_dir: Path, out: Path, half: bool) -> Path:
+    """Write the package to `out`, atomically: built beside it, then renamed into place."""
+    blend = read_blend(cfg)
+    comp = load_competition_data(cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would keep the package from others on upload hosts
+    pkg = layout.Package(tmp)
+    try:
+        folds = {name: add_experiment(config_dir / f"{name}.yaml", pkg, half)
+                 for name in blend["experiments"]}
+        chosen = blend.pop("thresholds")
+        write_json(dict(blend, folds=folds), pkg.blend)
+        write_json(describe(cfg, comp, chosen), pkg.meta)
+        build_wheel(tmp)
+        created = dict(utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                       competition=cfg.name, half=half)
+        write_json(manifest(tmp, created), pkg.manifest)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+            print(f"{out}: replaced the previous package", file=sys.stderr)
+        else:
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def size(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())

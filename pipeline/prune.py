@@ -1,0 +1,34 @@
+"""`make prune COMP=c KEEP=n`: keep only the n newest past versions of each experiment
+(pipeline.core.history); never a current one. Prints the space left in use.
+
+    python -m pipeline.prune configs/<comp>/competition.yaml --keep 3
+"""
+from __future__ import annotations
+
+import sys
+
+from pipeline.core import history, layout
+from pipeline.core.config import load_competition
+from pipeline.core.errors import UserError, cli, stage_args
+
+
+def _keep_option(parser) -> None:
+    parser.add_argument("--keep", type=int, required=True,
+                        help="past versions to keep per experiment (0: only the current ones)")
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    args = stage_args(argv, __doc__, "configs/<comp>/competition.yaml", _keep_option)
+    if args.keep < 0:
+        raise UserError(f"--keep {args.keep}: must be 0 or more")
+    comp = load_competition(args.config, args.overrides).name
+    removed = history.prune(comp, args.keep)
+    runs = layout.competition_runs(comp)
+    size = sum(f.stat().st_size for f in runs.rglob("*") if f.is_file()) if runs.is_dir() else 0
+    print(f"pruned {len(removed)} past versions; {runs} now holds {size / 2**20:.1f} MiB",
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Reports: per experiment, ensemble and tuning study, the leaderboard, the augmentation preview."""
