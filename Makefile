@@ -1,11 +1,14 @@
 # Kaggle image-classification pipeline: each stage is a file target, so make reruns only what changed.
 # Usage: make demo | make all COMP=<comp> | make tune EXP=<config> | make test | make bench | make help
+# FORCE=1 reruns the goal's own stage (EXP=<name> picks one experiment), nothing upstream.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 .SECONDEXPANSION:
 .DELETE_ON_ERROR:
 
 COMP ?=
+EXP ?=
+FORCE ?=
 SET ?=
 DEVICE ?=
 GPUS ?= 1
@@ -19,17 +22,19 @@ OVERRIDES := $(SET) $(if $(DEVICE),device=$(DEVICE))
 TRAIN := $(if $(filter-out 1,$(GPUS)),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(GPUS) -m pipeline.train,$(PY) -m pipeline.train)
 CONF := configs/$(COMP)
 EXPS := $(filter-out competition ensemble %.tune,$(basename $(notdir $(wildcard $(CONF)/*.yaml))))
-OOFS := $(EXPS:%=runs/$(COMP)/%/oof.csv)
-TESTS := $(EXPS:%=runs/$(COMP)/%/test.csv)
+# EXP=<name> (or configs/<comp>/<name>.yaml) narrows train and predict to one experiment
+PICKED := $(if $(EXP),$(basename $(notdir $(EXP))),$(EXPS))
+OOFS := $(PICKED:%=runs/$(COMP)/%/oof.csv)
+TESTS := $(PICKED:%=runs/$(COMP)/%/test.csv)
 WEIGHTS := runs/$(COMP)/ensemble/weights.json
 SUBMISSION := submissions/$(COMP).csv
 PACKAGE ?= packages/$(COMP)
 PACKAGE_HALF ?=
-TEST_IMAGES ?= data/$(COMP)/test
-SAMPLE ?= data/$(COMP)/sample_submission.csv
+TEST_IMAGES ?=
+SAMPLE ?=
 OUT ?= submissions/$(COMP)-infer.csv
 
-# Targets that work on one competition: refuse, in one line, a missing or unknown COMP.
+# Targets that work on one competition: refuse, in one line, a missing or unknown COMP or EXP.
 COMP_GOALS := all folds train predict ensemble submit package leaderboard prune
 COMPS := $(notdir $(patsubst %/competition.yaml,%,$(wildcard configs/*/competition.yaml)))
 ifneq ($(filter $(COMP_GOALS),$(MAKECMDGOALS)),)
@@ -37,13 +42,31 @@ ifeq ($(COMP),)
 $(error COMP is not set: say which competition, e.g. make $(firstword $(filter $(COMP_GOALS),$(MAKECMDGOALS))) COMP=$(firstword $(COMPS)) (configs/ has: $(COMPS)))
 else ifeq ($(wildcard configs/$(COMP)/competition.yaml),)
 $(error configs/$(COMP)/competition.yaml not found: COMP=$(COMP) is not a competition (configs/ has: $(COMPS)))
+else ifneq ($(filter-out $(EXPS),$(PICKED)),)
+$(error EXP=$(EXP): no experiment configs/$(COMP)/$(PICKED).yaml (configs/$(COMP) has: $(EXPS)))
 endif
 endif
+
+# FORCE=1: the goals' own targets are out of date whatever their times (train starts a fresh
+# version: the finished one moves to the history); nothing upstream is.
+FORCED_folds = folds/$(COMP).csv
+FORCED_train = $(OOFS)
+FORCED_predict = $(TESTS)
+FORCED_ensemble = $(WEIGHTS)
+FORCED_submit = $(SUBMISSION)
+FORCED_package = packages/$(COMP)/manifest.json
+ifneq ($(FORCE),)
+$(foreach goal,$(MAKECMDGOALS),$(FORCED_$(goal))): FORCE
+endif
+
+# Overrides (SET, DEVICE) only act where a stage runs: say so when none did.
+MAKE_START := $(shell date +%s)
+unchanged = @if [ -n "$(strip $(OVERRIDES))" ] && [ -z "$$(find $(1) -newermt @$(MAKE_START) 2>/dev/null)" ]; then \
+	echo "note: $(strip $(OVERRIDES)): no effect, nothing was out of date; add FORCE=1 to rerun (EXP=<name> for one experiment)"; fi
 
 LITE0 := weights/tf_efficientnet_lite0.safetensors
-EXP ?= configs/digits/lenet5.yaml
 
-.PHONY: help setup demo all folds train predict ensemble submit package infer tune leaderboard prune test bench reports preview weights clean
+.PHONY: FORCE help setup demo all folds train predict ensemble submit package infer tune leaderboard prune test bench reports preview weights clean
 
 help: ## list the targets
 	@grep -hE '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -58,34 +81,47 @@ setup: $(SETUP) ## create .venv from requirements.txt
 data/digits/solution.csv: | $(SETUP)
 	$(PY) -m pipeline.demo build
 
-folds/%.csv: configs/%/competition.yaml | $(SETUP)
+# Before any stage: every config of the competition validated, and the data's hashes, rewritten
+# only when the train table, the train images or the test images changed (quick: decode checks
+# are remembered).
+.PRECIOUS: runs/%/train-data.json runs/%/test-data.json  # records, not intermediate files
+runs/%/train-data.json runs/%/test-data.json: FORCE | $(SETUP)
+	+@$(PY) -m pipeline.folds configs/$*/competition.yaml --check $(OVERRIDES)
+
+folds/%.csv: configs/%/competition.yaml runs/%/train-data.json | $(SETUP)
 	$(PY) -m pipeline.folds $< $(OVERRIDES)
 
 runs/%/oof.csv: configs/%.yaml configs/$$(*D)/competition.yaml folds/$$(*D).csv | $(SETUP)
-	$(TRAIN) $< $(OVERRIDES)
+	$(TRAIN) $< $(OVERRIDES) $(if $(FORCE),--fresh)
 
-runs/%/test.csv: runs/%/oof.csv
+runs/%/test.csv: runs/%/oof.csv runs/$$(*D)/test-data.json
 	$(PY) -m pipeline.predict configs/$*.yaml $(OVERRIDES)
 
-$(WEIGHTS): $(CONF)/ensemble.yaml $(TESTS)
+$(WEIGHTS): $(CONF)/ensemble.yaml $(EXPS:%=runs/$(COMP)/%/test.csv)
 	$(PY) -m pipeline.ensemble $< $(OVERRIDES)
 
 $(SUBMISSION): $(WEIGHTS)
 	$(PY) -m pipeline.submit $(CONF)/ensemble.yaml $(OVERRIDES)
 
 folds: folds/$(COMP).csv ## split the train table into folds (COMP=...)
-train: $(OOFS) ## train every experiment of COMP on every fold
-predict: $(TESTS) ## TTA predictions: OOF and test, per experiment
-ensemble: $(WEIGHTS) ## tune blend weights on the OOF
+	$(call unchanged,$^)
+train: $(OOFS) ## train every experiment of COMP (or EXP=<name>) on every fold
+	$(call unchanged,$^)
+predict: $(TESTS) ## TTA predictions: OOF and test, per experiment (or EXP=<name>)
+	$(call unchanged,$^)
+ensemble: $(WEIGHTS) ## choose the blend on the OOF
+	$(call unchanged,$^)
 submit: $(SUBMISSION) ## write submissions/$(COMP).csv
+	$(call unchanged,$^)
 all: $(SUBMISSION) ## folds, train, predict, ensemble, submit for COMP
+	$(call unchanged,$(SUBMISSION) $(WEIGHTS) $(TESTS) $(OOFS))
 
 packages/$(COMP)/manifest.json: $(WEIGHTS)
 	$(PY) -m pipeline.package $(CONF)/ensemble.yaml $(if $(PACKAGE_HALF),--half) $(OVERRIDES)
 
 package: packages/$(COMP)/manifest.json ## inference package packages/$(COMP)/ (PACKAGE_HALF=1: float16 weights)
-infer: $(SETUP) ## submission from a package alone (PACKAGE=, TEST_IMAGES=, SAMPLE=, OUT=)
-	$(PY) -m pipeline.infer $(PACKAGE) --test-images $(TEST_IMAGES) --sample-submission $(SAMPLE) --out $(OUT)
+infer: $(SETUP) ## submission from a package alone (PACKAGE=, TEST_IMAGES=, SAMPLE=, OUT=; defaults from COMP's config)
+	$(PY) -m pipeline.infer $(PACKAGE) $(if $(TEST_IMAGES),--test-images $(TEST_IMAGES)) $(if $(SAMPLE),--sample-submission $(SAMPLE)) $(if $(COMP),--config $(CONF)/competition.yaml) --out $(OUT)
 
 leaderboard: | $(SETUP) ## every experiment and past version of COMP, sorted by CV
 	$(PY) -m pipeline.leaderboard $(CONF)/competition.yaml $(SET)
@@ -103,6 +139,7 @@ tune: $(SETUP) folds/$$(notdir $$(patsubst %/,%,$$(dir $$(EXP)))).csv ## optuna 
 	$(PY) -m pipeline.tune $(EXP) $(OVERRIDES)
 
 preview: $(SETUP) ## PNG grid of original vs augmented samples (EXP=configs/<comp>/<exp>.yaml)
+	@test -n "$(EXP)" || { echo "EXP is not set: say which experiment, e.g. make preview EXP=configs/digits/lenet5.yaml"; exit 2; }
 	$(PY) -m pipeline.preview $(EXP) $(OVERRIDES)
 
 demo: $(SETUP) $(LITE0) data/digits/solution.csv ## build the digits demo and run the whole chain

@@ -1,6 +1,7 @@
 """Write a submission from a package alone: no train images, configs, runs or internet.
 
     python -m pipeline.infer PACKAGE --test-images DIR --sample-submission FILE --out FILE
+    python -m pipeline.infer PACKAGE --config configs/<comp>/competition.yaml --out FILE
 
 Checks every file of the package against its manifest, finds every test image, then streams
 them (decode, resize, TTA views, every fold model, blend) a batch at a time, on the GPU when
@@ -21,6 +22,7 @@ from tqdm import tqdm
 
 from pipeline.core import tasks, thresholds
 from pipeline.core.competition import find_images
+from pipeline.core.config import load_competition
 from pipeline.core.errors import cli
 from pipeline.core.submission import format_submission, write_submission
 from pipeline.packaging.reader import (Timing, blended, estimate, load_package, predict_package,
@@ -28,15 +30,24 @@ from pipeline.packaging.reader import (Timing, blended, estimate, load_package, 
 from pipeline.runtime.device import Runtime, resolve_device
 
 
+def inputs(args: argparse.Namespace) -> tuple[Path, Path]:
+    """(test image folder, sample submission): as given, else the competition config's."""
+    if args.config is None:
+        return Path(args.test_images), Path(args.sample_submission)
+    data = load_competition(args.config).data
+    return (Path(args.test_images or data.path("test_images")),
+            Path(args.sample_submission or data.path("sample_submission")))
+
+
 def run(args: argparse.Namespace) -> None:
     on = resolve_device("auto")
     Runtime.on(on).keep_freed_memory()  # as the predict stage does
     checked = time.perf_counter()
     pkg = load_package(Path(args.package), args.max_batch)
-    sample_path = Path(args.sample_submission)
+    test_images, sample_path = inputs(args)
     fmt = read_sample(sample_path, pkg)
     ids = pd.Series(fmt.ids).str.strip()
-    paths = find_images(ids, Path(args.test_images), pkg.meta["image_suffix"], sample_path)
+    paths = find_images(ids, test_images, pkg.meta["image_suffix"], sample_path)
     checked = time.perf_counter() - checked
     if args.estimate is not None:
         print(estimate(pkg, paths, args.estimate, on), file=sys.stderr)
@@ -59,9 +70,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("package", help="package folder (make package)")
-    parser.add_argument("--test-images", required=True, help="folder of the test images")
-    parser.add_argument("--sample-submission", required=True,
+    parser.add_argument("--test-images", help="folder of the test images")
+    parser.add_argument("--sample-submission",
                         help="sample_submission.csv: the test ids, their order and the layout")
+    parser.add_argument("--config", help="a competition.yaml whose data paths are the defaults "
+                                         "of --test-images and --sample-submission (make infer)")
     parser.add_argument("--out", help="submission CSV to write (required unless --estimate)")
     parser.add_argument("--estimate", type=int, metavar="N",
                         help="print how long N test images would take; write nothing")
@@ -71,6 +84,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.out is None and args.estimate is None:
         parser.error("--out is required (or --estimate N)")
+    if args.config is None and (args.test_images is None or args.sample_submission is None):
+        parser.error("--test-images and --sample-submission are required (or --config)")
     return args
 
 

@@ -14,16 +14,19 @@ from pipeline.runtime import device
 from pipeline.training.kfold import train_experiment
 
 
-def _fold_option(parser) -> None:
+def _options(parser) -> None:
     parser.add_argument("--fold", type=int, action="append", help="train only this fold (repeatable)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start a new version even when this one is done or resumable "
+                             "(a finished one moves to the history; make's FORCE=1)")
 
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    args = stage_args(argv, __doc__, "configs/<comp>/<experiment>.yaml", _fold_option)
+    args = stage_args(argv, __doc__, "configs/<comp>/<experiment>.yaml", _options)
     cfg = load_experiment(args.config, args.overrides)
     try:
-        train_experiment(cfg, args.fold)
+        train_experiment(cfg, args.fold, args.fresh)
     finally:
         device.close()
 

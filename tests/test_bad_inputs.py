@@ -126,7 +126,9 @@ TASK_CASES = [
         with_keys(r, task="multilabel", metric="micro_f1")),
      "sample_submission.csv: no column for label 'class_2'"),
     ("label columns for a single-label task", lambda r: with_keys(
-        r, data={"target_columns": ["target"]}), "only for task multilabel"),
+        r, data={"target_columns": ["target"]}),
+     "configs/tiny/competition.yaml: data.target_columns: 0/1 label columns are for task "
+     "multilabel; task is multiclass"),
     ("format does not fit task", lambda r: with_keys(r, submission={"format": "labels"}),
      "submission.format: labels does not fit task multiclass"),
     ("user metric file missing", lambda r: with_keys(
@@ -250,3 +252,39 @@ def test_unusual_image_modes_are_converted_not_rejected(tiny, mode):
     folds.main(COMP)
     train.main(EXP + ["train.epochs=1"])
     assert (tiny / "runs/tiny/lenet5/oof.csv").is_file()
+
+
+def test_a_group_column_typo_lists_only_the_tables_own_columns(tiny, capsys):
+    """Multi-label 0/1 columns are joined into the target after the columns are checked: no
+    phantom `label` column appears in the list."""
+    train = pd.read_csv(tiny / "data/tiny/train.csv", dtype=str)
+    train.assign(lab_cat=["1", "0"] * 12).drop(columns="target").to_csv(
+        tiny / "data/tiny/train.csv", index=False)
+    pd.DataFrame({"image_id": [f"te{i:03d}" for i in range(6)], "tags": ""}).to_csv(
+        tiny / "data/tiny/sample_submission.csv", index=False)
+    with_keys(tiny, task="multilabel", metric="micro_f1",
+              data={"target_prefix": "lab_", "target_column": "label", "group_column": "sight"})
+    line = run_stage(folds, COMP, tiny, capsys)
+    assert line.endswith("no column 'sight' (set by data.group_column); columns are "
+                         "['image_id', 'lab_cat']")
+
+
+@pytest.mark.parametrize("suffix", [".jpg", "png"])
+def test_an_image_suffix_no_file_has_is_pointed_out_once(tiny, capsys, suffix):
+    with_keys(tiny, data={"image_suffix": suffix})
+    folds.main(COMP)
+    notes = [line for line in capsys.readouterr().err.splitlines() if "data.image_suffix" in line]
+    assert len(notes) == 2  # once for the train table, once for the sample submission
+    assert notes[0].startswith(f"note: data/tiny/train.csv: no image is named <id>{suffix}")
+    assert "24 were found by their names without it" in notes[0]
+
+
+def test_a_typo_in_any_experiment_stops_make_before_the_folds_stage(tiny, capsys):
+    """make checks the whole config folder first (folds --check), so `trian:` in an experiment
+    is one line naming its file and key, and no stage has run."""
+    write_yaml(tiny / "configs/tiny/lenet5.yaml", {"competition": "competition.yaml",
+                                                  "model": {"backbone": "lenet5"},
+                                                  "trian": {"epochs": 2}})
+    line = run_stage(folds, COMP + ["--check"], tiny, capsys)
+    assert line == "error: configs/tiny/lenet5.yaml: trian: unknown key"
+    assert not (tiny / "folds").exists() and not (tiny / "runs/tiny/train-data.json").exists()

@@ -109,11 +109,12 @@ def test_sample_submission_errors(tiny):
         load()
 
 
-def test_warns_on_sample_class_absent_from_train(tiny, capsys):
+def test_a_sample_column_no_train_row_has_is_refused_unless_allowed(tiny):
+    """Nothing can learn class_9: refused in one line naming it, or predicted as never seen."""
     proba_sample(tiny, ["class_0", "class_1", "class_2", "class_9"])
-    comp = load()
-    assert "class 'class_9' never appears in the train table" in capsys.readouterr().err
-    assert comp.classes[-1] == "class_9"
+    with pytest.raises(UserError, match="column 'class_9' is a class no train row has"):
+        load()
+    assert load(["submission.allow_untrained_columns=true"]).classes[-1] == "class_9"
 
 
 def test_group_column_must_exist(tiny):
@@ -145,3 +146,42 @@ def test_multilabel_targets_from_label_columns_and_from_one_separated_column(tin
                {**COMPETITION, "task": "multilabel", "metric": "micro_f1"})
     comp = load_competition_data(load_competition("configs/tiny/competition.yaml"))
     assert comp.submission.format == "labels" and comp.y[:4].tolist() == [[1, 1], [0, 1], [1, 0], [0, 0]]
+
+
+def test_the_metric_decides_between_probabilities_and_decisions(tiny):
+    """A 0/1 sample (as RANZCR's and SIIM's) gets probabilities under AUC or log loss, and
+    decisions under a metric that scores them; a label column no train row has is refused."""
+    from conftest import COMPETITION, write_yaml
+    from pipeline.core.config import load_competition
+
+    train = pd.read_csv("data/tiny/train.csv", dtype=str)
+    train.assign(lab_cat=["1", "0"] * 12, lab_dog=["1", "1", "0"] * 8).to_csv(
+        "data/tiny/train.csv", index=False)
+    sample = pd.DataFrame({"image_id": [f"te{i:03d}" for i in range(6)], "cat": 0, "dog": 1})
+    sample.to_csv("data/tiny/sample_submission.csv", index=False)
+    multilabel = {**COMPETITION, "task": "multilabel",
+                  "data": {**COMPETITION["data"], "target_prefix": "lab_"}}
+    for metric, binary in (("roc_auc", False), ("log_loss", False), ("macro_f1", True)):
+        write_yaml(tiny / "configs/tiny/competition.yaml", {**multilabel, "metric": metric})
+        comp = load_competition_data(load_competition("configs/tiny/competition.yaml"))
+        assert comp.submission.binary_columns == binary, metric
+    sample.assign(bird=0).to_csv("data/tiny/sample_submission.csv", index=False)
+    with pytest.raises(UserError, match="column 'bird' is a label no train row has"):
+        load_competition_data(load_competition("configs/tiny/competition.yaml"))
+
+
+@pytest.mark.parametrize("metric, expected", [("roc_auc", "binary_proba"), ("accuracy", "label")])
+def test_a_two_class_label_sample_gets_the_positive_probability_under_auc(tmp_path, monkeypatch,
+                                                                          metric, expected):
+    from conftest import COMPETITION, make_competition, write_yaml
+    from pipeline.core.config import load_competition
+
+    monkeypatch.chdir(tmp_path)
+    make_competition(tmp_path / "data/tiny", n_classes=2)
+    train = pd.read_csv("data/tiny/train.csv", dtype=str)
+    train.assign(target=train["target"].str[-1]).to_csv("data/tiny/train.csv", index=False)
+    pd.DataFrame({"image_id": [f"te{i:03d}" for i in range(6)], "target": 0}).to_csv(
+        "data/tiny/sample_submission.csv", index=False)
+    write_yaml(tmp_path / "configs/tiny/competition.yaml", {**COMPETITION, "metric": metric})
+    comp = load_competition_data(load_competition("configs/tiny/competition.yaml"))
+    assert comp.submission.format == expected and comp.classes == ("0", "1")

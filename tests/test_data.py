@@ -200,7 +200,7 @@ def test_grayscale_channels_last_competition_runs_end_to_end(tiny):
     cfg = load_experiment("configs/tiny/gray.yaml")
     s = prepare(cfg)
     assert s.images.shape[1:] == (16, 16, 1)
-    model = s.fold_model(0)
+    model = s.fold_model(0).module
     first, *_, last = (m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     assert first.in_channels == 1
     assert last.weight.is_contiguous(memory_format=torch.channels_last)

@@ -10,7 +10,9 @@ import pytest
 from conftest import write_yaml
 from pipeline import ensemble
 from pipeline.blending import blend
+from pipeline.blending.choose import Rows, choose, nested
 from pipeline.blending.run import run_ensemble
+from pipeline.core import metrics, tasks
 from pipeline.core.config import load_ensemble
 from pipeline.core.errors import UserError
 
@@ -69,16 +71,16 @@ def test_ensemble_writes_weights_blend_report_plots_and_study(tiny):
     assert saved["experiments"] == ["good", "weak", "noise"] and len(saved["weights"]) == 3
     assert (w >= 0).all() and w.sum() == pytest.approx(1.0)
     assert saved["mode"] in blend.MODES and saved["best_single"] == "good"
-    assert saved["nested_cv"] is not None and sorted(saved["nested_fold_weights"]) == ["0", "1"]
-    assert saved["cv"] == pytest.approx(result["cv"])
+    assert sorted(saved["nested_cv"]["folds"]) == ["0", "1"]
+    assert saved["cv"] == pytest.approx(result["cv"]) == pytest.approx(saved["nested_cv"]["cv"])
 
     test = pd.read_csv(run / "test.csv")
     assert list(test.columns) == ["id", *CLASSES] and list(test["id"]) == TEST_IDS
     np.testing.assert_allclose(test[CLASSES].sum(1), 1.0, atol=1e-6)
 
     report = (run / "report.md").read_text()
-    for row in ("| in-sample tuned |", "| nested-CV tuned |", "| equal weights |",
-                "| best single (good) |", "| noise |", "history.png", "folds.png"):
+    for row in ("| submitted, nested CV |", "| submitted, in sample |", "| equal weights |",
+                "| best single (good) |", "| without fold 1 |", "history.png", "folds.png"):
         assert row in report
     for png in ("history.png", "folds.png"):
         assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -86,8 +88,7 @@ def test_ensemble_writes_weights_blend_report_plots_and_study(tiny):
     study = optuna.load_study(study_name="tiny-ensemble", storage=f"sqlite:///{run / 'study.db'}")
     assert len(study.trials) == 15 and study.direction.name == "MINIMIZE"
     assert {t.params["mode"] for t in study.trials} <= set(blend.MODES)
-    assert study.best_trial.user_attrs["weights"] == pytest.approx(
-        [saved["tuned_weights"][e] for e in saved["experiments"]])
+    assert study.best_trial.value == pytest.approx(saved["tuned_in_sample_cv"])
     assert not list(run.glob(".*"))  # no temporary files left behind
 
 
@@ -141,11 +142,10 @@ def test_falls_back_to_equal_weights_when_tuning_does_not_beat_them(tiny, capsys
     write_run("good", 2.0, 1)
     write_run("twin", 2.0, 1)  # identical predictions: no weighting can beat equal weights
     result = run_ensemble(config(tiny, ["good", "twin"]))
-    assert result["choice"] == "equal" and result["weights"] == {"good": 0.5, "twin": 0.5}
-    assert "do not beat equal weights under nested CV" in capsys.readouterr().err
+    assert result["weights_choice"] == "equal" and result["weights"] == {"good": 0.5, "twin": 0.5}
+    assert "tuned weights do not beat equal weights under CV" in capsys.readouterr().err
     kept = run_ensemble(config(tiny, ["good", "twin"], fallback_to_equal=False))
-    assert kept["choice"] == "tuned" and "keeping them anyway" in kept["decision"]
-    assert kept["weights"] == kept["tuned_weights"]
+    assert kept["weights_choice"] == "tuned" and kept["decision"] == "nothing was tuned"
 
 
 def test_shared_storage_keeps_the_study_and_refuses_another_setup(tiny):
@@ -163,14 +163,15 @@ def test_shared_storage_keeps_the_study_and_refuses_another_setup(tiny):
         run_ensemble(config(tiny, ["good", "weak"], storage="nonsense"))
 
 
-def test_headline_quotes_the_nested_cv_score_when_tuned_weights_are_used():
+def test_headline_quotes_the_nested_cv_score_of_what_is_submitted():
     from pipeline.reports.ensemble import headline
-    result = dict(metric="accuracy", choice="tuned", weights={"a": 0.7, "b": 0.3}, mode="mean",
-                  cv=0.95, nested_cv=0.91)
-    assert headline(result) == ("nested-CV accuracy 0.91000 with tuned weights a=0.700, b=0.300, "
-                                "mode mean (in-sample OOF 0.95000, optimistic)")
-    assert headline({**result, "nested_cv": None}).startswith("in-sample OOF accuracy 0.95000")
-    assert headline({**result, "choice": "equal", "cv": 0.9}).startswith("OOF accuracy 0.90000")
+    result = dict(metric="accuracy", weights_choice="tuned", weights={"a": 0.7, "b": 0.3},
+                  mode="mean", thresholds_choice=None, cv=0.91, cv_basis="nested CV, pooled OOF",
+                  in_sample_cv=0.95, nested_cv={"cv": 0.91})
+    assert headline(result) == ("nested CV, pooled OOF accuracy 0.91000 with tuned weights "
+                                "a=0.700, b=0.300, mode mean (in-sample 0.95000, optimistic)")
+    off = {**result, "nested_cv": None, "cv": 0.95}
+    assert headline(off).startswith("in-sample OOF accuracy 0.95000")
 
 
 def test_the_printed_headline_leads_with_nested_cv(tiny, capsys):
@@ -178,5 +179,60 @@ def test_the_printed_headline_leads_with_nested_cv(tiny, capsys):
     write_run("weak", 0.5, 2)
     result = run_ensemble(config(tiny, ["good", "weak"], fallback_to_equal=False))
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert result["choice"] == "tuned"
-    assert last.startswith(f"ensemble: nested-CV accuracy {result['nested_cv']:.5f} with tuned")
+    assert result["weights_choice"] == "tuned"
+    assert last.startswith(f"ensemble: nested CV, pooled OOF accuracy {result['cv']:.5f} with tuned")
+
+
+def _rows(seed=0, n=240, k=4):
+    """Three members of different skill on a binary task, four folds; the blend's positive
+    probability is miscalibrated so that tuned thresholds pay."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    members = []
+    for skill in (2.0, 1.0, 0.0):
+        p = 1 / (1 + np.exp(-(skill * (2 * y - 1) + rng.normal(0, 1, n) - 1.5)))
+        members.append(np.c_[1 - p, p])
+    return Rows(np.stack(members), y, np.arange(n) % k, tasks.Binary(("neg", "pos")))
+
+
+def test_weights_mode_and_thresholds_are_chosen_inside_the_nested_loop(tiny):
+    """The headline is the nested score of exactly what is submitted: each fold's rows blended and
+    decided by the choice made on the other folds (weights, mode and thresholds)."""
+    cfg = config(tiny, ["a", "b", "c"], mode="tune", trials=10)
+    rows = _rows()
+    honest = nested(cfg, rows)
+    for f, c in honest.choices.items():
+        held = rows.folds == f
+        again = choose(cfg, rows.where(~held), cfg.seed + 1000 * (f + 1))
+        np.testing.assert_array_equal(again.weights, c.weights)
+        np.testing.assert_array_equal(honest.predictions[held], c.predictions(rows.where(held)))
+    assert honest.cv.pooled == metrics.score("accuracy", rows.task, rows.y, honest.predictions)
+    assert any(c.thresholds is not None for c in honest.choices.values())  # thresholds tuned
+
+
+def test_a_folds_blend_and_thresholds_do_not_move_when_its_labels_are_scrambled(tiny):
+    """Leak canary: scrambling fold 2's labels leaves the weights, mode and thresholds chosen for
+    fold 2 unchanged (every other fold's choice sees them, and may move)."""
+    cfg = config(tiny, ["a", "b", "c"], mode="tune", trials=10)
+    rows = _rows()
+    y = rows.y.copy()
+    y[rows.folds == 2] = np.random.default_rng(1).permutation(y[rows.folds == 2])
+    before, after = nested(cfg, rows), nested(cfg, Rows(rows.oof, y, rows.folds, rows.task))
+    a, b = before.choices[2], after.choices[2]
+    np.testing.assert_array_equal(a.weights, b.weights)
+    assert (a.mode, a.thresholds_choice, a.thresholds) == (b.mode, b.thresholds_choice, b.thresholds)
+
+
+def test_nested_cv_drives_the_weight_of_a_pure_noise_model_to_zero(tiny):
+    cfg = config(tiny, ["a", "b", "noise"], metric="log_loss", trials=40)
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 600)
+    good = [toy_proba(600, 2.0, s, y) for s in (1, 2)]
+    rows = Rows(np.stack(good + [rng.dirichlet(np.ones(3), 600)]), y, np.arange(600) % 3,
+                tasks.Multiclass(tuple(CLASSES)))
+    honest = nested(cfg, rows)
+    for c in honest.choices.values():
+        assert c.weights[2] < 0.02 and c.weights.sum() == pytest.approx(1.0)
+    equal = metrics.score("log_loss", rows.task, y, blend.blend(rows.oof, np.ones(3) / 3, "mean",
+                                                                  rows.task))
+    assert honest.cv.headline < equal

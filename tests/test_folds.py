@@ -49,6 +49,14 @@ def test_auto_picks_stratified_group_when_groups_given():
         splits.choose_method("group", has_groups=False)
 
 
+@pytest.mark.parametrize("method", ["kfold", "stratified"])
+def test_a_method_that_ignores_the_group_column_is_refused(method):
+    """An explicit method without groups would let one group's rows fall in several folds."""
+    targets, groups = data()
+    with pytest.raises(UserError, match=f"folds.method: {method} ignores data.group_column"):
+        splits.assign_folds(targets, groups, 5, method, seed=0)
+
+
 def test_too_many_folds_for_a_class():
     targets = np.array(["a"] * 10 + ["b"] * 3)
     with pytest.raises(UserError, match="folds.n_splits: 5 folds but class 'b' has only 3 rows"):

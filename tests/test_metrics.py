@@ -4,7 +4,10 @@ import os
 import numpy as np
 import pytest
 
+from sklearn.metrics import cohen_kappa_score
+
 from pipeline.core import metrics, tasks
+from pipeline.core.config import NamedMetric
 from pipeline.core.errors import UserError
 
 Y = np.array([0, 1, 2, 2])
@@ -102,3 +105,38 @@ def test_a_user_metric_is_imported_from_the_config_folder_and_called_with_ids(ti
 ])
 def test_value_and_label_metrics(metric, task, truth, pred, expected):
     assert metrics.score(metric, task, np.array(truth), np.array(pred)) == pytest.approx(expected)
+
+
+GRADES = tasks.Ordinal(("grade",), 0, 4, "mse", (0.0, 1.0, 2.0, 3.0, 4.0))
+
+
+def test_qwk_scores_over_every_grade_of_the_task_as_kaggle_does():
+    """A fold holding grades {0, 1, 4} only is scored on the 0-4 scale: without the task's grade
+    list scikit-learn would put grade 4 next to grade 1 (0.571 instead of 0.629)."""
+    y = np.array([0, 0, 1, 1, 4, 4], dtype=np.float64)
+    pred = np.array([[0.1], [0.9], [1.2], [0.3], [3.8], [1.1]])
+    expected = cohen_kappa_score(y.astype(int), [0, 1, 1, 0, 4, 1], weights="quadratic",
+                                 labels=range(5))
+    assert metrics.score("qwk", GRADES, y, pred) == pytest.approx(expected) == pytest.approx(0.6292, 1e-3)
+
+
+def test_grade_decisions_use_the_tasks_range_not_the_scored_truths():
+    """A value of 3.6 is grade 4 even in a fold whose truth holds grades 0-2 only (the truth must
+    not post-process the predictions)."""
+    y = np.array([0.0, 1.0, 2.0])
+    pred = np.array([[0.2], [1.1], [3.6]])
+    assert GRADES.decisions(y, pred)[1].tolist() == [0, 1, 4]
+    regression = tasks.Regression(("v",), 0.0, 4.0)
+    assert regression.decisions(y, pred)[1].tolist() == [0, 1, 4]
+    assert regression.decisions(y, np.array([[9.0]]))[1].tolist() == [4]  # within the range
+
+
+@pytest.mark.parametrize("zero_division, expected", [(0, 0.5), (1, 1.0)])
+def test_samples_f1_counts_empty_rows_by_the_configured_convention(zero_division, expected):
+    """A row with no true and no predicted label scores 0 (scikit-learn's default) or 1."""
+    metric = NamedMetric(name="samples_f1", zero_division=zero_division)
+    y = np.array([[1.0, 0.0], [0.0, 0.0]])
+    pred = np.array([[0.9, 0.1], [0.1, 0.2]])
+    assert metrics.score(metric, LABELS, y, pred) == pytest.approx(expected)
+    assert metrics.score("samples_f1", LABELS, y, pred) == pytest.approx(0.5)
+    assert metrics.name(metric) == ("samples_f1" if not zero_division else "samples_f1[zero_division=1]")

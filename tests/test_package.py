@@ -18,7 +18,8 @@ import torch
 from conftest import COMPETITION, EXPERIMENT, make_competition, write_yaml
 from pipeline import ensemble, folds, infer, package, predict, submit, train
 from pipeline.models import predictor as inference
-from pipeline.packaging import build as package_build
+from pipeline.packaging import build as package_build, reader
+from pipeline.core import provenance
 from pipeline.core.artifacts import as_written, write_csv
 
 EXPERIMENTS = {  # one with fixed views, one choosing them on the OOF (test gets the chosen only)
@@ -68,7 +69,8 @@ def test_package_holds_settings_weights_blend_format_wheel_and_hashes(built):
     manifest = json.loads((root / "manifest.json").read_text())
     files = set(manifest["files"])
     wheel = [f for f in files if f.endswith(".whl")]
-    assert len(wheel) == 1
+    assert wheel == [f"kaggle_image_pipeline-0.1.0+{provenance.code_hash()}-py3-none-any.whl"]
+    assert manifest["code_hash"] == provenance.code_hash()
     assert {"package.json", "blend.json", "lenet5/settings.json", "lenet5/fold0.safetensors",
             "lenet5/fold1.safetensors", "lenet5b/fold1.safetensors"} <= files
     assert set(manifest["versions"]) >= {"python", "torch", "timm", "albumentations"}
@@ -109,6 +111,30 @@ def test_estimate_prints_a_time_and_writes_nothing(built, tmp_path, capsys):
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("estimate: 5000 images would take about") and "images/s" in line
     assert not (root / "sub.csv").exists()
+
+
+def test_infer_decodes_each_test_image_once_per_distinct_input(built, tmp_path, monkeypatch):
+    """Two experiments reading the same 16 px input: every test image is decoded once, not once
+    per experiment."""
+    from pipeline.data import images
+    root = fresh_copy(built, tmp_path)
+    decoded = []
+    real = images.decode
+    monkeypatch.setattr(images, "decode", lambda path, channels=3: decoded.append(path) or
+                        real(path, channels))
+    infer.main(args(root))
+    pkg = reader.load_package(root / "pkg")
+    assert list(reader.by_input(pkg).values()) == [["lenet5", "lenet5b"]]
+    assert sorted(decoded) == sorted(str(p) for p in (root / "test").iterdir())
+
+
+def test_infer_refuses_code_other_than_the_packages(built, tmp_path, capsys, monkeypatch):
+    """pip may keep another version of the code as "already satisfied": infer compares."""
+    root = fresh_copy(built, tmp_path)
+    monkeypatch.setattr(provenance, "code_hash", lambda: "0123456789abcdef")
+    message = refuses(root, capsys)
+    assert "built with pipeline code" in message and "the code running is 0123456789abcdef" in message
+    assert "--force-reinstall" in message
 
 
 def refuses(root: Path, capsys, *extra: str) -> str:

@@ -8,9 +8,10 @@ import pytest
 
 from conftest import COMPETITION, EXPERIMENT, make_competition, write_yaml
 from pipeline import folds, train
-from pipeline.core import metrics
+from pipeline.core import metrics, tasks
 from pipeline.training.experiment import prepare
-from pipeline.training.prediction import predict_experiment
+from pipeline.training.prediction import (candidate_view_sets, choose_view_set,
+                                           distinct_view_sets, predict_experiment)
 from pipeline.core.config import load_experiment
 from pipeline.core.errors import UserError
 from pipeline.data.images import image_cache
@@ -114,3 +115,69 @@ def test_refuses_a_missing_fold_checkpoint(trained, monkeypatch):
             run(trained, monkeypatch)
     finally:
         moved.rename(ckpt)
+
+
+def _views_case(seed=0):
+    """Folds of 20, 20 and 80 rows and two view sets: `a` predicts folds 0 and 1 right and
+    fold 2 wrong, `b` the reverse, so `b` wins on all rows but `a` on folds 0 and 1."""
+    rng = np.random.default_rng(seed)
+    task = tasks.Multiclass(("x", "y"))
+    folds = np.repeat([0, 1, 2], [20, 20, 80])
+    y = rng.integers(0, 2, 120)
+    good, bad = np.eye(2)[y] * 0.8 + 0.1, np.eye(2)[1 - y] * 0.8 + 0.1
+    a = np.where((folds < 2)[:, None], good, bad)
+    b = np.where((folds == 2)[:, None], good, bad)
+    return task, y, folds, {"a": a, "b": b}
+
+
+def test_auto_view_choice_is_made_under_nested_cv():
+    task, y, folds, oof = _views_case()
+    choice = choose_view_set("accuracy", task, y, folds, oof)
+    assert choice.chosen == "b" and choice.in_sample == pytest.approx({"a": 1 / 3, "b": 2 / 3})
+    assert choice.per_fold == {0: "b", 1: "b", 2: "a"}  # each chosen without its own rows
+    nested = metrics.cv("accuracy", task, y, folds, choice.oof)
+    assert nested.headline == 0.0  # every fold got the view set that fails it: honest, not 2/3
+
+
+def test_a_folds_view_choice_does_not_move_when_its_labels_are_scrambled():
+    """Leak canary: the view set chosen for fold 2 is chosen without fold 2's labels."""
+    task, y, folds, oof = _views_case()
+    scrambled = y.copy()
+    scrambled[folds == 2] = 1 - scrambled[folds == 2]  # on all rows `a` now wins
+    before = choose_view_set("accuracy", task, y, folds, oof)
+    after = choose_view_set("accuracy", task, scrambled, folds, oof)
+    assert after.chosen != before.chosen and after.per_fold[2] == before.per_fold[2] == "a"
+    np.testing.assert_array_equal(after.oof[folds == 2], before.oof[folds == 2])
+
+
+def test_a_rank_metrics_cv_is_the_mean_over_folds_and_both_figures_are_kept():
+    """Two folds ranked perfectly, each on its own scale: pooling them understates AUC."""
+    task = tasks.Binary(("no", "yes"))
+    y = np.array([0, 0, 1, 1, 0, 0, 1, 1])
+    folds = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    p = np.array([0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9])
+    cv = metrics.cv("roc_auc", task, y, folds, np.c_[1 - p, p])
+    assert cv.basis == "mean over folds" and cv.headline == cv.fold_mean == 1.0
+    assert cv.pooled == pytest.approx(0.75) and "pooled OOF 0.75000" in cv.text()
+    acc = metrics.cv("accuracy", task, y, folds, np.c_[1 - p, p])
+    assert acc.basis == "pooled OOF" and acc.headline == acc.pooled
+
+
+def test_view_sets_that_equal_a_cheaper_one_at_this_crop_are_left_out():
+    """At crop_pct 1 every crop is the whole image: five_crop is no TTA, ten_crop is hflip."""
+    kept, same = distinct_view_sets(["none", "hflip", "five_crop", "ten_crop", "dihedral8"], 16, 16)
+    assert kept == ["none", "hflip", "dihedral8"] and same == {"five_crop": "none",
+                                                               "ten_crop": "hflip"}
+    assert distinct_view_sets(["none", "five_crop", "ten_crop"], 19, 16)[1] == {}  # crops differ
+
+
+def test_an_asked_view_set_that_equals_a_cheaper_one_says_so(tiny, capsys):
+    from conftest import EXPERIMENT, write_yaml
+    write_yaml(tiny / "configs/tiny/flat.yaml", {**EXPERIMENT, "model": {"backbone": "lenet5",
+                                                                         "crop_pct": 1.0},
+                                                 "tta": {"views": "ten_crop"}})
+    cfg = load_experiment("configs/tiny/flat.yaml")
+    assert candidate_view_sets(cfg, cfg.image_size) == ["hflip"]
+    assert capsys.readouterr().err.strip() == (
+        "note: flat: tta view set ten_crop equals hflip here (crops of 16 px from 16 px images); "
+        "predicting hflip instead")

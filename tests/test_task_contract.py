@@ -128,8 +128,10 @@ def test_views_and_blends_average_in_the_modes_it_allows(case):
     for how in type(task).tta_merges:
         np.testing.assert_allclose(tta.merge(views, how, task.simplex).numpy(), pred, atol=1e-5)
     for mode in type(task).blend_modes:
-        out = blend.blend(np.stack([pred, pred]), np.array([0.5, 0.5]), mode)
+        out = blend.blend(np.stack([pred, pred]), np.array([0.5, 0.5]), mode, task)
         assert out.shape == pred.shape and np.isfinite(out).all()
+        if task.predicts == "values":  # every mode stays in target units
+            assert out.min() >= pred.min() - 1e-9 and out.max() <= pred.max() + 1e-9
 
 
 def test_per_column_scores_name_its_columns_or_grades(case):

@@ -1,10 +1,17 @@
 """The task seam (pipeline.tasks): heads, losses, mixing, activation, serialisation."""
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import torch
 from timm.data import Mixup
 
+from conftest import EXPERIMENT, write_yaml
+from pipeline import folds
 from pipeline.core import tasks
+from pipeline.core.config import load_experiment
+from pipeline.training.experiment import prepare
+from pipeline.training.loop import start_fold
 
 
 def test_every_task_round_trips_through_json_and_activates_to_its_columns():
@@ -43,5 +50,26 @@ def test_balanced_weights_follow_the_train_frequencies():
             pos_weight = "balanced"
 
     train = pd.DataFrame({"target": ["a"] * 6 + ["b"] * 2})
-    assert tasks.Multiclass.build(train, ["a", "b"], Cfg).class_weights == (8 / 12, 8 / 4)
-    assert tasks.Binary.build(train, ["a", "b"], Cfg).pos_weight == (3.0,)
+    y = np.array([0] * 6 + [1] * 2)
+    assert tasks.Multiclass.build(train, ["a", "b"], Cfg).class_weights is None  # fitted per fold
+    assert tasks.Multiclass.build(train, ["a", "b"], Cfg).fit(y).class_weights == (8 / 12, 8 / 4)
+    assert tasks.Binary.build(train, ["a", "b"], Cfg).fit(y).pos_weight == (3.0,)
+    labels = np.array([[1, 0], [1, 1], [0, 0], [0, 0]], dtype=np.float32)
+    assert tasks.Multilabel(("x", "y"), balanced=True).fit(labels).pos_weight == (1.0, 3.0)
+    assert tasks.Regression(("v",), 0, 100).fit(np.array([5.0, 7.0, 9.0])) == \
+        tasks.Regression(("v",), 5.0, 9.0)
+
+
+def test_a_folds_task_statistics_come_from_its_training_rows_only(tiny):
+    """Leak canary: scrambling fold 0's targets leaves fold 0's task (class weights, target
+    range) unchanged, while every other fold's moves."""
+    write_yaml(tiny / "configs/tiny/lenet5.yaml",
+               {**EXPERIMENT, "train": {**EXPERIMENT["train"], "class_weights": "balanced"}})
+    folds.main(["configs/tiny/competition.yaml"])
+    exp = prepare(load_experiment("configs/tiny/lenet5.yaml"))
+    y = exp.comp.y.copy()
+    held_out = exp.folds == 0
+    y[held_out] = 0  # fold 0's rows all relabelled class 0
+    scrambled = dataclasses.replace(exp, comp=dataclasses.replace(exp.comp, y=y))
+    assert start_fold(scrambled, 0, tiny / "a").task == start_fold(exp, 0, tiny / "b").task
+    assert start_fold(scrambled, 1, tiny / "c").task != start_fold(exp, 1, tiny / "d").task

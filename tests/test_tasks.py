@@ -40,9 +40,10 @@ def test_each_task_learns_and_submits(tmp_path, monkeypatch, task):
         assert np.isfinite(values.astype(float)).all()
     weights = json.loads((tmp_path / f"runs/{task}/ensemble/weights.json").read_text())
     assert (weights["thresholds"] is not None) <= (task in ("multilabel", "ordinal"))
-    if task in ("multilabel", "ordinal"):
-        th = weights["threshold_scores"]
-        assert th["in_sample"] >= th["default"] and metrics.higher_is_better(metric)
+    decided = task in ("multilabel", "ordinal")  # their metrics score decisions
+    assert (weights["thresholds_choice"] is not None) == decided
+    assert all((c["thresholds_choice"] is not None) == decided
+               for c in weights["nested_cv"]["folds"].values())
 
 
 @pytest.mark.parametrize("task", ["multilabel", "ordinal"])

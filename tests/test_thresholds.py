@@ -86,3 +86,16 @@ def test_validation_refuses_unknown_labels(tmp_path):
     with pytest.raises(UserError, match="not train labels, e.g. 'zebra'"):
         submit.validate_submission(path, SubmissionFormat("id", "labels", ("tags",), ("r1",)),
                                    LABELS)
+
+
+def test_a_value_format_scored_by_grades_writes_the_grades_at_the_tuned_cut_points():
+    """Ordinal `id,value` under QWK: the written numbers are the grades the tuned cut points give
+    (writing raw values would let the scorer round them at the default cuts)."""
+    pred = np.array([[0.4], [2.6], [9.0]])
+    cuts = (np.asarray(ORDINAL.grades), np.array([0.3, 1.5, 2.7, 3.5]))
+    decided = SubmissionFormat("id", "value", ("grade",), ("r1", "r2", "r3"), decided=True)
+    assert submit.format_submission(decided, ORDINAL, ["r1", "r2", "r3"], pred, cuts)["grade"] \
+        .tolist() == [1.0, 2.0, 4.0]
+    raw = SubmissionFormat("id", "value", ("grade",), ("r1", "r2", "r3"))
+    assert submit.format_submission(raw, ORDINAL, ["r1", "r2", "r3"], pred)["grade"].tolist() == \
+        [0.4, 2.6, 9.0]

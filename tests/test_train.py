@@ -1,9 +1,10 @@
 """Training loop: resume gives the same result as an uninterrupted run; checkpoint and log formats."""
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from conftest import EXPERIMENT, write_yaml
+from conftest import COMPETITION, EXPERIMENT, write_yaml
 from pipeline import folds, train
 from pipeline.core import layout
 from pipeline.training import loop
@@ -65,7 +66,9 @@ def test_log_and_checkpoints_have_the_documented_columns(tiny):
     assert list(log["epoch"]) == [0, 1] and log["val_metric"].between(0, 1).all()
     ckpt = torch.load(tiny / "fold1/last.pt", weights_only=True)
     assert ckpt["tag"] == s.tag and ckpt["state"]["step"] == 2 * 3
-    assert set(s.fold_model(1, tiny / "fold1/best.safetensors").state_dict()) == set(ckpt["model"])
+    best = s.fold_model(1, tiny / "fold1/best.safetensors")
+    assert set(best.module.state_dict()) == set(ckpt["model"]) and best.task == s.comp.task.fit(
+        s.comp.y[s.folds != 1])
 
 
 def test_checkpoint_from_another_config_is_not_resumed(tiny):
@@ -111,3 +114,35 @@ def test_fold_outside_the_split_is_a_one_line_error(tiny, capsys):
         train.main(["configs/tiny/exp.yaml", "--fold", "2"])
     assert stop.value.code == 2
     assert capsys.readouterr().err.strip() == "error: --fold 2: the folds are 0 to 1 (folds.n_splits)"
+
+
+def test_a_fold_missing_a_class_is_scored_over_the_classes_present(tiny, capsys):
+    """ROC-AUC on a fold without class_2: the mean one-vs-rest AUC of the classes present (a
+    note says so), so every fold keeps a best checkpoint and the OOF is complete."""
+    write_yaml(tiny / "configs/tiny/competition.yaml", {**COMPETITION, "metric": "roc_auc"})
+    setup(tiny, train={"epochs": 2, "batch_size": 4, "lr": 0.003})
+    table = pd.read_csv(tiny / "folds/tiny.csv", dtype={"id": str})
+    table["fold"] = [0 if i.startswith("tr2") else int(i[-1]) % 2 for i in table["id"]]
+    table.to_csv(tiny / "folds/tiny.csv", index=False)
+    scores = train_experiment(load_experiment("configs/tiny/exp.yaml"))
+    assert "classes absent from the scored rows" in capsys.readouterr().err
+    assert all(np.isfinite(v) for v in scores["per_fold"].values())
+    assert (tiny / "runs/tiny/exp/fold1/best.safetensors").is_file()
+
+
+def test_a_fold_holding_one_class_is_refused_before_training(tiny):
+    write_yaml(tiny / "configs/tiny/competition.yaml", {**COMPETITION, "metric": "roc_auc"})
+    setup(tiny)
+    table = pd.read_csv(tiny / "folds/tiny.csv", dtype={"id": str})
+    table["fold"] = [0 if i.startswith("tr0") else 1 for i in table["id"]]
+    table.to_csv(tiny / "folds/tiny.csv", index=False)
+    with pytest.raises(UserError, match="fold 0 holds only class 'class_0': roc_auc is undefined"):
+        train_experiment(load_experiment("configs/tiny/exp.yaml"))
+    assert not (tiny / "runs").exists()
+
+
+def test_a_cv_that_does_not_beat_the_trivial_baseline_is_warned_about(tiny, capsys):
+    setup(tiny, train={"epochs": 1, "batch_size": 4, "lr": 1e-9})
+    scores = train_experiment(load_experiment("configs/tiny/exp.yaml"))
+    assert scores["cv"] <= scores["baseline_cv"]
+    assert "does not beat the trivial baseline's" in capsys.readouterr().err

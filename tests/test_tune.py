@@ -247,7 +247,8 @@ def test_make_trains_tuned_configs_but_not_search_space_files(tiny):
         write_yaml(tiny / f"configs/tiny/{name}.yaml", EXPERIMENT)
     write_yaml(tiny / "configs/tiny/exp.tune.yaml", {"space": {"train.lr": [0.1]}})
     out = subprocess.run(["make", "-n", "-f", str(ROOT / "Makefile"), "train", "COMP=tiny",
-                          "STAMP="], cwd=tiny, capture_output=True, text=True, check=True).stdout
+                          f"PY={sys.executable}"], cwd=tiny, capture_output=True, text=True,
+                         check=True, env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
     trained = sorted(line.split()[-1] for line in out.splitlines() if "pipeline.train" in line)
     assert trained == ["configs/tiny/exp-tuned.yaml", "configs/tiny/exp.yaml",
                        "configs/tiny/lenet5.yaml"]

@@ -159,7 +159,8 @@ def bench_fold(exp: Experiment) -> Fold:
     model = init_model(exp, FOLD).train()
     groups = finetune.layer_groups(model)
     rows = np.flatnonzero(exp.folds != FOLD)
-    return Fold(exp, FOLD, Path(), model, groups, [], build_optimizer(exp.cfg, model, groups),
+    task = exp.comp.task.fit(exp.comp.y[rows])
+    return Fold(exp, FOLD, Path(), task, model, groups, [], build_optimizer(exp.cfg, model, groups),
                 None, exp.rt.grad_scaler(), make_mixer(exp.cfg, len(exp.comp.classes)),
                 train_dataset(exp, FOLD, rows), np.flatnonzero(exp.folds == FOLD),
                 steps_per_epoch(len(rows), exp.cfg.train.batch_size))

@@ -30,15 +30,14 @@ def render(results: dict, configured: str) -> str:
     """The configured mode's score table and weights, then one row per blend mode."""
     main = results[configured]
     names = main["experiments"]
-    weights = ["| experiment | single CV | tuned weight | weight used |", "| --- | --- | --- | --- |"]
-    weights += [f"| {n} | {main['single_cv'][n]:.4f} | {main['tuned_weights'][n]:.3f} | "
-                f"{main['weights'][n]:.3f} |" for n in names]
-    modes = ["| mode | in-sample tuned | nested-CV tuned | equal weights | used | weights used |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    modes = ["| mode | submitted, nested CV | submitted, in sample | equal weights | used | "
+             "weights used |", "| --- | --- | --- | --- | --- | --- |"]
     for mode, r in results.items():
         used = ", ".join(f"{n} {r['weights'][n]:.2f}" for n in names)
-        modes.append(f"| {mode} | {fmt(r['tuned_in_sample_cv'])} | {fmt(r['nested_cv'])} | "
-                     f"{fmt(r['equal_weights_cv'])} | {r['choice']} ({r['mode']}) | {used} |")
+        nested = r["nested_cv"]["cv"] if r["nested_cv"] else None
+        modes.append(f"| {mode} | {fmt(nested)} | {fmt(r['in_sample_cv'])} | "
+                     f"{fmt(r['equal_weights_cv'])} | {r['weights_choice']} ({r['mode']}) | "
+                     f"{used} |")
     cfg = load_ensemble(CONFIG)
     return "\n".join([
         "# Ensembling on the digits demo", "",
@@ -48,11 +47,11 @@ def render(results: dict, configured: str) -> str:
         f"{cfg.folds.n_splits}-fold nested CV, seed {cfg.seed}.", "",
         f"## The configured blend (mode `{configured}`)", "",
         ensemble_report.score_table(main), "",
-        f"Used: {main['choice']} weights, OOF {main['metric']} {main['cv']:.4f}. "
-        f"{main['decision']}", "",
-        *weights, "",
+        f"Submitted: {ensemble_report.used(main)}; {main['decision']}.", "",
+        *ensemble_report.choices_table(main), "",
         "## Blend modes", "",
-        "Nested CV is the honest column: weights tuned without the fold they are scored on.", "",
+        "Nested CV is the honest column: what is submitted, chosen without the fold it is "
+        "scored on.", "",
         *modes, ""])
 
 

@@ -54,11 +54,6 @@ def transform(probas: np.ndarray, mode: str, folds: np.ndarray | None = None) ->
     return out
 
 
-def is_simplex(probas: np.ndarray) -> bool:
-    """Whether predictions are class probabilities: several columns, every row summing to 1."""
-    return probas.shape[-1] > 1 and bool(np.allclose(probas.sum(-1), 1.0))
-
-
 def combine(transformed: np.ndarray, weights: np.ndarray, mode: str,
             simplex: bool = True) -> np.ndarray:
     """Weighted mean over models of `transform(probas, mode)` -> rows that sum to 1 (class
@@ -76,18 +71,40 @@ def combine(transformed: np.ndarray, weights: np.ndarray, mode: str,
     return out / out.sum(axis=1, keepdims=True) if simplex else out
 
 
-def blend(probas: np.ndarray, weights: np.ndarray, mode: str,
-          folds: np.ndarray | None = None) -> np.ndarray:
-    """(M, N, K) probabilities and M weights -> (N, K) blended probabilities (see `transform`
-    for `folds`)."""
-    return combine(transform(probas, mode, folds), weights, mode, is_simplex(probas))
-
-
-def blend_by_fold(probas: np.ndarray, folds: np.ndarray, weights: dict, modes: dict) -> np.ndarray:
-    """Blend each fold's rows with that fold's own weights and mode (nested CV's held-out
-    blends)."""
-    out = np.zeros(probas.shape[1:])
-    for f in np.unique(folds):
-        rows = folds == f
-        out[rows] = blend(probas[:, rows], weights[f], modes[f])
+def in_units(quantiles: np.ndarray, values: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
+    """Blended rank quantiles (N, 1) mapped back to target units through the distribution of
+    blended values (N, 1), within each group of rows ranked together: the rank r of n maps to
+    the r-th smallest value, so a lone model's rank blend is its own values."""
+    out = np.empty_like(quantiles)
+    for g in [None] if groups is None else np.unique(groups):
+        rows = slice(None) if g is None else groups == g
+        q, v = quantiles[rows, 0], values[rows, 0]
+        n = len(q)
+        position = np.clip((q * n - 1) / max(n - 1, 1), 0.0, 1.0)
+        out[rows, 0] = np.quantile(v, position) if n > 1 else v
     return out
+
+
+class Blender:
+    """Members' predictions (M, N, K) ready to blend on `task`: each mode's transform is made
+    once, so a weight-search trial costs one einsum (and one quantile map for a rank blend of
+    values, which returns to target units). With `folds`, each fold's rows are ranked on their
+    own, as the test set is at prediction time."""
+
+    def __init__(self, probas: np.ndarray, task, modes: tuple[str, ...],
+                 folds: np.ndarray | None = None):
+        self.probas, self.folds, self.simplex = probas, folds, task.simplex
+        self.values = task.predicts == "values"
+        self.transformed = {mode: transform(probas, mode, folds) for mode in modes}
+
+    def __call__(self, weights: np.ndarray, mode: str) -> np.ndarray:
+        out = combine(self.transformed[mode], weights, mode, self.simplex)
+        if mode == "rank" and self.values:
+            return in_units(out, combine(self.probas, weights, "mean", False), self.folds)
+        return out
+
+
+def blend(probas: np.ndarray, weights: np.ndarray, mode: str, task,
+          folds: np.ndarray | None = None) -> np.ndarray:
+    """(M, N, K) predictions and M weights -> (N, K) blended predictions on `task` (see Blender)."""
+    return Blender(probas, task, (mode,), folds)(weights, mode)

@@ -40,7 +40,7 @@ def load_member(run: layout.Run) -> Member:
         if dup.any():
             raise UserError(f"{paths[part]}: duplicate id {df['id'][dup].iloc[0]!r}")
         tables[part] = df
-    return Member(run.name, tables["oof"], tables["test"], tag.rsplit("-", 1)[-1])
+    return Member(run.name, tables["oof"], tables["test"], tag.split("-")[1])
 
 
 def classes_of(df: pd.DataFrame) -> list[str]:

@@ -29,12 +29,16 @@ def run_ensemble(cfg: EnsembleConfig) -> dict:
     run = layout.Run.of(cfg.name, cfg.experiment)
     run.dir.mkdir(parents=True, exist_ok=True)
     study = search.open_study(cfg, data.names, blend_modes(cfg))
+    if len(data.names) == 1:
+        print(f"ensemble: one experiment ({data.names[0]}): nothing to blend; its decisions are "
+              f"still chosen under nested CV", file=sys.stderr)
     result = evaluate(cfg, data, study)
     print(f"ensemble: {result['decision']}", file=sys.stderr)
     if not cfg.storage:
         search.save_study(study, run.study, f"{cfg.name}-{cfg.experiment}")
     weights = np.array([result["weights"][n] for n in data.names])
-    blended = pd.DataFrame(blend.blend(data.test, weights, result["mode"]), columns=data.classes)
+    blended = pd.DataFrame(blend.blend(data.test, weights, result["mode"], data.task),
+                           columns=data.classes)
     blended.insert(0, "id", data.test_ids)
     write_csv(blended, run.test)
     write_json(result, run.weights)

@@ -1,11 +1,11 @@
 """The blend's weight search: seeded optuna studies over simplex weights (and the blend mode),
-nested CV for their honest score, and the study's storage.
+and the study's storage.
 
-Determinism: by default every run tunes a fresh study seeded by `seed` (in memory, then saved
-to study.db through a temporary file), so the same inputs give byte-identical results. With
-`storage: <optuna database URL>` the study lives there and persists: a rerun reuses its
-trials, and several workers may tune it at once, unseeded (seeded workers would propose the
-same trials).
+Determinism: by default every search is a fresh study seeded by `seed` (in memory; the
+ensemble stage saves its top-level study to study.db through a temporary file), so the same
+inputs give byte-identical results. With `storage: <optuna database URL>` the ensemble's
+top-level study lives there and persists: a rerun reuses its trials, and several workers may
+tune it at once, unseeded (seeded workers would propose the same trials).
 """
 from __future__ import annotations
 
@@ -17,15 +17,14 @@ import numpy as np
 import optuna
 import sqlalchemy.exc
 
-from pipeline.blending.blend import U_LOW, blend_by_fold, combine, is_simplex, simplex_weights, \
-    transform
+from pipeline.blending.blend import U_LOW, Blender, simplex_weights
 from pipeline.core import metrics
 from pipeline.core.artifacts import atomic_path
 from pipeline.core.config import EnsembleConfig
 from pipeline.core.errors import UserError
 
 
-def new_study(metric: str, seed: int | None, storage=None, study_name: str | None = None):
+def new_study(metric, seed: int | None, storage=None, study_name: str | None = None):
     """A study in the metric's direction, sampled by multivariate TPE seeded with `seed`.
 
     With a shared `storage` several workers may tune the same study at once; pass seed=None
@@ -44,19 +43,17 @@ class Tuned:
     score: float
 
 
-def tune(probas: np.ndarray, y: np.ndarray, task, metric: str, trials: int,
-         modes: tuple[str, ...], study: optuna.Study, folds: np.ndarray | None = None) -> Tuned:
-    """Search simplex weights (and the mode, as a categorical, when several) to optimise
-    `metric` on `task` of the blend of `probas` (rank mode ranking within `folds`, when given), until
-    `study` holds `trials` complete trials.
+def tune(blender: Blender, y: np.ndarray, task, metric, trials: int, modes: tuple[str, ...],
+         study: optuna.Study, folds: np.ndarray | None = None) -> Tuned:
+    """Search simplex weights (and the mode, as a categorical, when several) to optimise the CV
+    headline of `metric` (metrics.headline, by `folds`) on `blender`'s blend, until `study`
+    holds `trials` complete trials.
 
     The first trial is equal weights. Each trial stores its actual weights and mode as user
     attributes. Trials already in the study count, so a rerun on a finished study samples
     nothing and several workers sharing one study stop together at `trials`.
     """
-    m = probas.shape[0]
-    transformed = {mode: transform(probas, mode, folds) for mode in modes}
-    simplex = is_simplex(probas)
+    m = blender.probas.shape[0]
 
     def objective(trial: optuna.Trial) -> float:
         u = np.array([trial.suggest_float(f"u{i}", U_LOW, 1.0) for i in range(m)])
@@ -64,7 +61,7 @@ def tune(probas: np.ndarray, y: np.ndarray, task, metric: str, trials: int,
         w = simplex_weights(u)
         trial.set_user_attr("weights", w.tolist())
         trial.set_user_attr("mode", mode)
-        return metrics.score(metric, task, y, combine(transformed[mode], w, mode, simplex))
+        return metrics.headline(metric, task, y, folds, blender(w, mode))
 
     equal = {f"u{i}": float(np.exp(-1.0)) for i in range(m)}
     study.enqueue_trial(equal | ({"mode": modes[0]} if len(modes) > 1 else {}),
@@ -78,33 +75,10 @@ def tune(probas: np.ndarray, y: np.ndarray, task, metric: str, trials: int,
     return Tuned(np.array(best.user_attrs["weights"]), best.user_attrs["mode"], best.value)
 
 
-@dataclass
-class Nested:
-    score: float  # the metric on every held-out fold's blend, put together
-    per_fold: dict  # {fold: score of its held-out blend}
-    weights: dict  # {fold: weights tuned without that fold}
-    modes: dict  # {fold: mode tuned without that fold}
-    held_out: np.ndarray  # (N, K) the held-out blends
-
-
-def nested_cv(probas: np.ndarray, y: np.ndarray, task, folds: np.ndarray, metric: str,
-              trials: int, modes: tuple[str, ...], seed: int) -> Nested:
-    """The tuned blend's honest score: for each fold, tune on the other folds' OOF (a fresh
-    in-memory study seeded with seed + fold) and blend the held-out fold with those weights."""
-    weights, chosen = {}, {}
-    for f in np.unique(folds):
-        rows = folds != f
-        tuned = tune(probas[:, rows], y[rows], task, metric, trials, modes,
-                     new_study(metric, seed + int(f)), folds[rows])
-        weights[int(f)], chosen[int(f)] = tuned.weights, tuned.mode
-    held_out = blend_by_fold(probas, folds, weights, chosen)
-    return Nested(metrics.score(metric, task, y, held_out),
-                  metrics.fold_scores(metric, task, y, folds, held_out), weights, chosen, held_out)
-
-
 def open_study(cfg: EnsembleConfig, experiments: list[str], modes: tuple[str, ...]) -> optuna.Study:
-    """The study to tune: a fresh seeded one in memory, or the one named `<comp>-<ensemble>` in
-    `cfg.storage` (refused when it was tuned for another metric, experiments or modes)."""
+    """The ensemble's top-level study: a fresh seeded one in memory, or the one named
+    `<comp>-<ensemble>` in `cfg.storage` (refused when it was tuned for another metric,
+    experiments or modes)."""
     setup = dict(metric=metrics.name(cfg.metric), experiments=experiments, modes=list(modes))
     if cfg.storage:
         name = f"{cfg.name}-{cfg.experiment}"

@@ -16,9 +16,18 @@ import pandas as pd
 from pipeline.core.errors import UserError
 
 
+def umask() -> int:
+    """The process's file-creation mask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; rename it over `path` only on success."""
+    """Yield a temporary path next to `path`; rename it over `path` only on success. The file
+    gets the mode any new file gets (mkstemp's private 0600 would keep it from the other users
+    or machines sharing the folder)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -29,6 +38,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        tmp.chmod(0o666 & ~umask())  # after writing: some writers (safetensors) make a new file
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

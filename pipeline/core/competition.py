@@ -13,7 +13,8 @@ from pipeline.core import tasks
 from pipeline.core.config import CompetitionConfig
 from pipeline.core.errors import UserError
 from pipeline.core.submission import SubmissionFormat, infer_format
-from pipeline.data.images import undecodable
+from pipeline.core.artifacts import text_hash
+from pipeline.data.images import set_key, state_key, undecodable
 
 
 @dataclass(frozen=True)
@@ -52,13 +53,15 @@ def _check_unique(ids: pd.Series, path: Path) -> None:
 
 
 class ImageIndex:
-    """Finds the image file of an id: `<folder>/<id><suffix>`, else by name anywhere below."""
+    """Finds the image file of an id: `<folder>/<id><suffix>`, else by name anywhere below.
+    Counts the ids found with the suffix, so a suffix no file has can be pointed out."""
 
     def __init__(self, folder: Path, suffix: str):
         if not folder.is_dir():
             raise UserError(f"{folder}: image folder not found")
         self.folder, self.suffix = folder, suffix
         self._by_name: dict[str, Path] | None = None
+        self.with_suffix = self.without_suffix = 0
 
     def _names(self) -> dict[str, Path]:
         if self._by_name is None:
@@ -71,12 +74,27 @@ class ImageIndex:
         return self._by_name
 
     def find(self, image_id: str) -> Path | None:
-        for name in (image_id + self.suffix, image_id):
-            path = self.folder / name
-            if path.is_file():
-                return path
-        names = self._names()
-        return names.get(Path(image_id + self.suffix).name) or names.get(Path(image_id).name)
+        named = image_id + self.suffix
+        if (self.folder / named).is_file():
+            path = self.folder / named
+        elif (self.folder / image_id).is_file():
+            path = self.folder / image_id
+        else:
+            names = self._names()
+            path = names.get(Path(named).name) or names.get(Path(image_id).name)
+        if path is not None and self.suffix:
+            if path.name == Path(named).name:
+                self.with_suffix += 1
+            else:
+                self.without_suffix += 1
+        return path
+
+    def note_unused_suffix(self, table: Path) -> None:
+        """Say once when `data.image_suffix` names no file: the images were found without it."""
+        if self.suffix and not self.with_suffix and self.without_suffix:
+            print(f"note: {table}: no image is named <id>{self.suffix} (data.image_suffix); "
+                  f"{self.without_suffix} were found by their names without it in {self.folder}",
+                  file=sys.stderr)
 
 
 def _attach_paths(ids: pd.Series, index: ImageIndex, table: Path, on_bad: str,
@@ -97,6 +115,7 @@ def _attach_paths(ids: pd.Series, index: ImageIndex, table: Path, on_bad: str,
         if problem:
             bad.append(f"{table} row {row + 2}: {problem}")
         paths.append(None if problem else str(path))
+    index.note_unused_suffix(table)
     corrupt = {} if cache_dir is None else \
         undecodable([p for p in paths if p is not None], cache_dir)  # remembered: cheap
     for row, path in enumerate(paths):
@@ -121,8 +140,6 @@ def label_columns(train: pd.DataFrame, cfg: CompetitionConfig, path: Path) -> li
     d = cfg.data
     if d.target_columns is None and d.target_prefix is None:
         return None
-    if not tasks.of(cfg.task).reads_label_columns:
-        raise UserError(f"data.target_columns / data.target_prefix: only for task multilabel")
     if d.target_columns is not None:
         _require_columns(train, d.target_columns, path, "data.target_columns")
         return list(d.target_columns)
@@ -159,18 +176,19 @@ def read_train(cfg: CompetitionConfig) -> tuple[pd.DataFrame, list[str] | None]:
     target), validated: ids unique, no empty target; and the label columns, if any."""
     d = cfg.data
     path = d.path("train_csv")
-    train = read_table(path)
-    label_cols = label_columns(train, cfg, path)
-    if label_cols is not None:
-        train = train.assign(**{d.target_column: join_label_columns(train, label_cols, cfg, path)})
-    columns = {"id": d.id_column, "target": d.target_column}
+    table = read_table(path)
+    _require_columns(table, [d.id_column], path, "data.id_column")
     if d.group_column:
-        columns["group"] = d.group_column
-    _require_columns(train, [columns["id"]], path, "data.id_column")
-    _require_columns(train, [columns["target"]], path, "data.target_column")
+        _require_columns(table, [d.group_column], path, "data.group_column")
+    label_cols = label_columns(table, cfg, path)
+    if label_cols is None:
+        _require_columns(table, [d.target_column], path, "data.target_column")
+        target = table[d.target_column]
+    else:
+        target = join_label_columns(table, label_cols, cfg, path)
+    train = pd.DataFrame({"id": table[d.id_column], "target": target})
     if d.group_column:
-        _require_columns(train, [columns["group"]], path, "data.group_column")
-    train = train[list(columns.values())].rename(columns={v: k for k, v in columns.items()})
+        train["group"] = table[d.group_column]
     train["id"] = train["id"].str.strip()
     train["target"] = train["target"].str.strip()
     _check_unique(train["id"], path)
@@ -218,3 +236,15 @@ def load_competition_data(cfg: CompetitionConfig) -> Competition:
         train = train[train["path"].notna()].reset_index(drop=True)
     y = task.targets(train["target"], train_path)
     return Competition(train, test, tuple(task.columns), fmt, task, y, tuple(bad))
+
+
+def data_identity(comp: Competition) -> dict[str, str]:
+    """What the competition's data is, as hashes: `train` (the train rows' ids, targets and
+    groups, and their image files' paths, sizes and modification times) and `test` (the test
+    ids and image files). A run built from other data is another version of it."""
+    columns = [c for c in ("id", "target", "group") if c in comp.train.columns]
+    rows = comp.train[columns].to_csv(index=False)
+    train_paths, test_paths = list(comp.train["path"]), list(comp.test["path"])
+    return dict(train=text_hash(f"{rows}\n{set_key(train_paths)}\n{state_key(train_paths)}"),
+                test=text_hash(f"{'|'.join(comp.test['id'])}\n{set_key(test_paths)}\n"
+                               f"{state_key(test_paths)}"))

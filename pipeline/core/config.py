@@ -54,9 +54,18 @@ class SubmissionConfig(Strict):
     format: Literal["auto", "label", "proba", "binary_proba", "labels", "columns",
                     "value"] = "auto"
     positive_class: str | None = None
+    allow_untrained_columns: bool = False  # a sample column no train row has: predicted "never"
 
 
 Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")]
+
+
+class NamedMetric(Strict):
+    """A registered metric with options: `{name: samples_f1, zero_division: 1}` (see
+    pipeline.core.metrics)."""
+
+    name: str
+    zero_division: Literal[0, 1] = 0  # F1 of a row or label with no true and no predicted labels
 
 
 class UserMetric(Strict):
@@ -73,7 +82,7 @@ class CompetitionConfig(Strict):
     data: DataConfig
     device: Device = "auto"  # where tensors run; not part of a run's identity (pipeline.runtime)
     task: TaskKind = "multiclass"
-    metric: Union[str, UserMetric] = "accuracy"  # a name in pipeline.core.metrics.REGISTRY
+    metric: Union[str, NamedMetric, UserMetric] = "accuracy"  # a name in metrics.REGISTRY
     folds: FoldsConfig = FoldsConfig()
     image_size: int = Field(224, ge=8)
     seed: int = 42
@@ -82,8 +91,12 @@ class CompetitionConfig(Strict):
     @field_validator("metric")
     @classmethod
     def _known_metric(cls, metric):
-        if isinstance(metric, str) and metric not in metrics.REGISTRY:
-            raise ValueError(metrics.unknown(metric))
+        name = metrics.base(metric)
+        if name is not None and name not in metrics.REGISTRY:
+            raise ValueError(metrics.unknown(name))
+        if isinstance(metric, NamedMetric) and metric.zero_division and \
+                name not in metrics.F1_METRICS:
+            raise ValueError(f"zero_division is an F1 option; {name} has none")
         return metric
 
 
@@ -256,14 +269,19 @@ def _check_task(cfg: CompetitionConfig, source: Path) -> None:
     """The metric, TTA merge and blend mode fit the task; a user metric's file and function
     exist (nothing evaluated)."""
     task = tasks.of(cfg.task)
+    labels = cfg.data.target_columns is not None or cfg.data.target_prefix is not None
+    if labels and not task.reads_label_columns:
+        key = "target_columns" if cfg.data.target_columns is not None else "target_prefix"
+        raise UserError(f"{source}: data.{key}: 0/1 label columns are for task multilabel; task "
+                        f"is {cfg.task} (its labels are in data.target_column)")
     if isinstance(cfg.metric, UserMetric):
         if not Path(cfg.metric.file).is_absolute():  # relative to the config's folder
             cfg.metric = cfg.metric.model_copy(
                 update={"file": str(source.parent / cfg.metric.file)})
         metrics.load_user_metric(cfg.metric)
-    elif cfg.metric not in task.fitting_metrics():
-        raise UserError(f"{source}: metric: {cfg.metric} does not fit task {cfg.task}; use one "
-                        f"of {sorted(task.fitting_metrics())}")
+    elif metrics.base(cfg.metric) not in task.fitting_metrics():
+        raise UserError(f"{source}: metric: {metrics.base(cfg.metric)} does not fit task "
+                        f"{cfg.task}; use one of {sorted(task.fitting_metrics())}")
     merge = getattr(getattr(cfg, "tta", None), "merge", "mean")
     if merge not in task.tta_merges:
         raise UserError(f"{source}: tta.merge: {merge} needs probabilities; task {cfg.task} "
@@ -366,6 +384,18 @@ def load_ensemble(path: str | Path, overrides: list[str] | None = None) -> Ensem
     data, path = _resolve(path, _own_overrides(EnsembleConfig, overrides))
     data.setdefault("experiment", path.stem)
     return _validate(EnsembleConfig, data, path)
+
+
+def check_folder(competition_path: str | Path, overrides: list[str] | None = None) -> None:
+    """Validate every config of a competition's folder (its experiments and ensembles; search
+    spaces are the tune stage's), so a typo stops make before any stage has run."""
+    for path in sorted(Path(competition_path).parent.glob("*.yaml")):
+        if path.name == Path(competition_path).name or path.name.endswith(".tune.yaml"):
+            continue
+        if "experiments" in read_yaml(path):
+            load_ensemble(path, overrides)
+        else:
+            load_experiment(path, overrides)
 
 
 def config_hash(cfg: BaseModel, exclude: set[str] | None = None) -> str:

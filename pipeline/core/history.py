@@ -61,13 +61,13 @@ def discard(run: layout.Run) -> None:
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
-def start_version(run: layout.Run, tag: str) -> None:
-    """Make `run` the home of version `tag`: a finished version built from another tag goes to
-    the history, an unfinished one is discarded, the same tag is resumed."""
+def start_version(run: layout.Run, tag: str, fresh: bool = False) -> None:
+    """Make `run` the home of version `tag`: a finished version built from another tag (or any,
+    when `fresh`) goes to the history, an unfinished one is discarded, the same tag is resumed."""
     if run.history.is_dir():
         _finish_partial(run.history)
     old = _tag(run)
-    if old is not None and old != tag:
+    if old is not None and (old != tag or fresh):
         if finished(run):
             dest = archive(run)
             print(f"{run.dir}: built from {old}, now {tag}: kept the finished run in {dest}, "

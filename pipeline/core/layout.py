@@ -2,7 +2,7 @@
 
 ```
 folds/<comp>.csv                          id, fold
-runs/<comp>/leaderboard.{md,csv}
+runs/<comp>/leaderboard.{md,csv}  train-data.json test-data.json (the data's hashes)
 runs/<comp>/<exp>/                        an experiment's current version (a Run)
   tag.txt config.json provenance.json scores.json oof.csv oof_tta.csv test.csv report.md *.png
   fold<k>/best.safetensors last.pt log.csv oof.csv
@@ -35,6 +35,12 @@ def competition_runs(comp: str) -> Path:
 def leaderboard_files(comp: str) -> tuple[Path, Path]:
     """(leaderboard.md, leaderboard.csv) of the competition."""
     return RUNS / comp / "leaderboard.md", RUNS / comp / "leaderboard.csv"
+
+
+def data_stamp(comp: str, split: str) -> Path:
+    """runs/<comp>/<split>-data.json: the hash of the train or test data (make's dependency:
+    rewritten only when the data changes)."""
+    return RUNS / comp / f"{split}-data.json"
 
 
 def submission_file(comp: str) -> Path:

@@ -2,6 +2,7 @@
 stratification) or on quantile bins of values, grouped when a group column is given."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -11,17 +12,23 @@ from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
 
 from pipeline.core import layout
-from pipeline.core.artifacts import write_csv
-from pipeline.core.competition import load_competition_data
+from pipeline.core.artifacts import write_csv, write_text
+from pipeline.core.competition import data_identity, load_competition_data
 from pipeline.core.config import CompetitionConfig
 from pipeline.core.errors import UserError
 
 
 def choose_method(method: str, has_groups: bool) -> str:
+    """The split method; a method that would ignore the group column, or needs one that is
+    not set, is refused."""
     if method == "auto":
         return "stratified_group" if has_groups else "stratified"
     if method in ("group", "stratified_group") and not has_groups:
         raise UserError(f"folds.method: {method} needs data.group_column to be set")
+    if method in ("kfold", "stratified") and has_groups:
+        raise UserError(f"folds.method: {method} ignores data.group_column (a group's rows would "
+                        f"fall in several folds, and its CV leak); use group or stratified_group, "
+                        f"or remove data.group_column")
     return method
 
 
@@ -107,6 +114,20 @@ def read_folds(path: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise UserError(f"{path}: fold file not found; run `make folds COMP=...` first")
     return pd.read_csv(path, dtype={"id": str, "fold": np.int64}, keep_default_na=False)
+
+
+def write_data_stamps(cfg: CompetitionConfig) -> None:
+    """runs/<comp>/{train,test}-data.json, each rewritten only when its data changed (make
+    rebuilds what depends on it, and nothing else)."""
+    identity = data_identity(load_competition_data(cfg))
+    for split, digest in identity.items():
+        path = layout.data_stamp(cfg.name, split)
+        text = json.dumps({"hash": digest}) + "\n"
+        if path.is_file() and path.read_text() != text:
+            print(f"{path}: the {split} data changed: what depends on it is rebuilt",
+                  file=sys.stderr)
+        if not path.is_file() or path.read_text() != text:
+            write_text(text, path)
 
 
 def write_folds(cfg: CompetitionConfig) -> Path:

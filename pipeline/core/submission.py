@@ -8,13 +8,13 @@ task, and which one an unlabelled sample means, are the task's answers.
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from pipeline.core import metrics
 from pipeline.core.artifacts import atomic_path
 from pipeline.core.errors import UserError
 
@@ -35,10 +35,12 @@ class SubmissionFormat:
     ids: tuple[str, ...]
     positive_class: str | None = None
     binary_columns: bool = False
+    decided: bool = False  # `value`: the metric scores decisions (grades), written as such
 
     def to_json(self) -> dict:
         return dict(id_column=self.id_column, format=self.format, columns=list(self.columns),
-                    positive_class=self.positive_class, binary_columns=self.binary_columns)
+                    positive_class=self.positive_class, binary_columns=self.binary_columns,
+                    decided=self.decided)
 
 
 def _looks_fractional(values: pd.Series) -> bool:
@@ -52,10 +54,21 @@ def _only_01(sample: pd.DataFrame, columns: list[str]) -> bool:
         all(set(sample[c]) <= {"0", "1"} for c in columns)
 
 
+def _untrained(columns: list[str], classes: list[str], cfg, path: Path, what: str) -> None:
+    """Refuse a sample column no train row has (its model output could only learn "never"),
+    unless `submission.allow_untrained_columns`."""
+    unseen = [c for c in columns if c not in classes]
+    if unseen and not cfg.submission.allow_untrained_columns:
+        raise UserError(f"{path}: column {unseen[0]!r} is a {what} no train row has, so nothing "
+                        f"can learn it; set submission.allow_untrained_columns: true to predict "
+                        f"it as never seen")
+
+
 def infer_format(sample: pd.DataFrame, classes: list[str], task_cls, cfg,
                  path: Path) -> SubmissionFormat:
     """The format of `sample` for a task of class `task_cls` with prediction columns `classes`:
-    `submission.format`, or the task's reading of the sample's columns (`auto`)."""
+    `submission.format`, or the task's reading of the sample's columns and the metric
+    (`auto`)."""
     cols = list(sample.columns)
     if len(cols) < 2:
         raise UserError(f"{path}: needs an id column and at least one value column; got {cols}")
@@ -64,8 +77,10 @@ def infer_format(sample: pd.DataFrame, classes: list[str], task_cls, cfg,
     if kind != "auto" and kind not in allowed:
         raise UserError(f"submission.format: {kind} does not fit task {cfg.task}; use one of "
                         f"{list(allowed)}")
+    decisions = metrics.is_user(cfg.metric) or metrics.needs_decisions(cfg.metric)
     if kind == "auto":
-        kind = task_cls.auto_format(value_cols, classes, _looks_fractional(sample[value_cols[0]]))
+        kind = task_cls.auto_format(value_cols, classes, not decisions or
+                                    _looks_fractional(sample[value_cols[0]]))
     positive, binary = None, False
     if kind == "proba":
         missing = [c for c in classes if c not in value_cols]
@@ -74,15 +89,13 @@ def infer_format(sample: pd.DataFrame, classes: list[str], task_cls, cfg,
                 f"{path}: columns fit neither format: not 'id,<label>' and not one column per "
                 f"class (train classes not among columns: {missing[:5]})"
             )
-        for col in value_cols:
-            if col not in classes:
-                print(f"warning: {path}: class {col!r} never appears in the train table",
-                      file=sys.stderr)
+        _untrained(value_cols, classes, cfg, path, "class")
     elif kind == "columns":
         missing = [c for c in classes if c not in value_cols]
         if missing:
             raise UserError(f"{path}: no column for label {missing[0]!r}; columns are {cols}")
-        binary = _only_01(sample, value_cols)
+        _untrained(value_cols, classes, cfg, path, "label")
+        binary = decisions and _only_01(sample, value_cols)
     elif len(value_cols) != 1:
         raise UserError(f"{path}: submission.format={kind} needs exactly two columns; got {cols}")
     if kind == "binary_proba":
@@ -92,7 +105,7 @@ def infer_format(sample: pd.DataFrame, classes: list[str], task_cls, cfg,
         if positive not in classes:
             raise UserError(f"submission.positive_class: {positive!r} is not a class {classes}")
     return SubmissionFormat(cols[0], kind, tuple(value_cols), tuple(sample[cols[0]]), positive,
-                            binary)
+                            binary, kind == "value" and decisions and not metrics.is_user(cfg.metric))
 
 
 def format_submission(fmt: SubmissionFormat, task, ids: list[str], pred: np.ndarray,
@@ -123,7 +136,7 @@ def format_submission(fmt: SubmissionFormat, task, ids: list[str], pred: np.ndar
     elif fmt.format == "binary_proba":
         out[fmt.columns[0]] = pred[:, classes.index(fmt.positive_class)]
     elif fmt.format == "value":
-        out[fmt.columns[0]] = pred[:, 0]
+        out[fmt.columns[0]] = task.decide(pred, thresholds) if fmt.decided else pred[:, 0]
     elif fmt.format == "labels":
         out[fmt.columns[0]] = task.join(task.decide(pred, thresholds))
     else:  # proba, columns

@@ -5,12 +5,18 @@ loss and how mixup/cutmix mixes targets, how logits become predictions and how t
 and blends average, how predictions read (`predicts`: classes, labels or values) and become
 hard decisions, which thresholds a metric needs, which metrics, submission formats, blend
 modes and TTA merges fit, how folds stratify it, what the per-column report shows, the
-trivial baseline. Its fitted parameters (class weights, target range, grades) are typed
-fields, and a task round-trips through JSON, so a package carries it.
+trivial baseline. Its parameters are typed fields, and a task round-trips through JSON.
+
+Two levels: the competition's task (`build`, from the whole train table) holds what defines
+the label space (classes, labels, grades, the target's range for grade metrics); a fold's task
+(`fit`, from that fold's training rows only) adds what shapes training (class weights, positive
+weights, the range the target is scaled by), so no statistic of a held-out fold reaches its
+model. Each fold checkpoint carries its fold's task (pipeline.models.predictor).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -43,13 +49,19 @@ def _pos_weight(y: np.ndarray) -> tuple[float, ...]:
     return tuple(float((len(y) - p) / max(p, 1)) for p in np.atleast_1d(pos))
 
 
+@functools.lru_cache(maxsize=64)
+def _on(values: tuple[float, ...] | None, device: torch.device) -> torch.Tensor | None:
+    """`values` as a float32 tensor on `device`, made once (a copy per step would make the
+    host wait for the device)."""
+    return None if values is None else torch.tensor(values, device=device)
+
+
 def _bce(logits, y, label_smoothing: float, pos_weight) -> torch.Tensor:
     """BCE-with-logits on 0/1 (or mixed) targets, smoothed towards 0.5, positives weighted."""
     y = y.float()
     if label_smoothing:
         y = y * (1 - label_smoothing) + 0.5 * label_smoothing
-    w = None if pos_weight is None else torch.tensor(pos_weight, device=logits.device)
-    return F.binary_cross_entropy_with_logits(logits, y, pos_weight=w)
+    return F.binary_cross_entropy_with_logits(logits, y, pos_weight=_on(pos_weight, logits.device))
 
 
 def _training(cfg):
@@ -91,6 +103,11 @@ class Task:
     def to_json(self) -> dict:
         return dict(kind=self.kind, **{f.name: _jsonable(getattr(self, f.name))
                                        for f in dataclasses.fields(self)})
+
+    def fit(self, y: np.ndarray) -> Task:
+        """The fold's task: this one with the statistics that shape training taken from the
+        fold's training targets `y` (none by default)."""
+        return self
 
     def finish(self, pred: np.ndarray) -> np.ndarray:
         """float64 predictions as stored (probability rows renormalised where they sum to 1)."""
@@ -138,10 +155,13 @@ class _Classes(Task):
         return sorted_classes(train["target"])
 
     @staticmethod
-    def auto_format(value_columns: list[str], classes: list[str], fractional: bool) -> str:
+    def auto_format(value_columns: list[str], classes: list[str], probabilities: bool) -> str:
+        """`proba` for a column per class; one column: the positive class's probability where
+        probabilities are wanted (the metric scores them, or the sample holds fractions) and
+        there are two classes, else the label."""
         if len(value_columns) >= 2:
             return "proba"
-        return "binary_proba" if len(classes) == 2 and fractional else "label"
+        return "binary_proba" if len(classes) == 2 and probabilities else "label"
 
     def targets(self, values: pd.Series, source: str = "") -> np.ndarray:
         lookup = {c: i for i, c in enumerate(self.columns)}
@@ -179,19 +199,23 @@ class _Classes(Task):
 @dataclass(frozen=True)
 class Multiclass(_Classes):
     kind: ClassVar[str] = "multiclass"
-    class_weights: tuple[float, ...] | None = None
+    balanced: bool = False  # train.class_weights: balanced
+    class_weights: tuple[float, ...] | None = None  # fitted: n / (K x count) per class
 
     @classmethod
     def build(cls, train: pd.DataFrame, classes, cfg) -> Multiclass:
-        weights = None
-        if _training(cfg) is not None and cfg.train.class_weights == "balanced":
-            counts = pd.Series(train["target"]).value_counts().reindex(classes).fillna(0).to_numpy()
-            weights = tuple((len(train) / (len(classes) * np.maximum(counts, 1))).tolist())
-        return cls(tuple(classes), weights)
+        training = _training(cfg)
+        return cls(tuple(classes), training is not None and training.class_weights == "balanced")
+
+    def fit(self, y):
+        if not self.balanced:
+            return self
+        counts = np.bincount(y, minlength=len(self.columns))
+        weights = len(y) / (len(self.columns) * np.maximum(counts, 1))
+        return dataclasses.replace(self, class_weights=tuple(weights.tolist()))
 
     def loss(self, logits, y, label_smoothing: float = 0.0):
-        w = self.class_weights
-        w = None if w is None else torch.tensor(w, device=logits.device)
+        w = _on(self.class_weights, logits.device)
         if y.dim() == 2:  # mixed soft targets
             return SoftTargetCrossEntropy()(logits, y) if w is None else \
                 -(y * w * F.log_softmax(logits, 1)).sum(1).mean()
@@ -206,7 +230,8 @@ class Binary(_Classes):
     """One logit with BCE; predictions stored as two columns [1 - p, p], as multi-class."""
 
     kind: ClassVar[str] = "binary"
-    pos_weight: tuple[float, ...] | None = None
+    balanced: bool = False  # train.pos_weight: balanced
+    pos_weight: tuple[float, ...] | None = None  # fitted: negatives / positives
 
     @property
     def n_outputs(self) -> int:
@@ -216,10 +241,13 @@ class Binary(_Classes):
     def build(cls, train, classes, cfg) -> Binary:
         if len(classes) != 2:
             raise UserError(f"task: binary needs 2 classes, the train table has {len(classes)}")
-        weight = None
-        if _training(cfg) is not None and cfg.train.pos_weight == "balanced":
-            weight = _pos_weight((train["target"] == classes[1]).to_numpy(np.float64)[:, None])
-        return cls(tuple(classes), weight)
+        training = _training(cfg)
+        return cls(tuple(classes), training is not None and training.pos_weight == "balanced")
+
+    def fit(self, y):
+        if not self.balanced:
+            return self
+        return dataclasses.replace(self, pos_weight=_pos_weight((y == 1).astype(np.float64)[:, None]))
 
     def loss(self, logits, y, label_smoothing: float = 0.0):
         return _bce(logits[:, 0], y, label_smoothing, self.pos_weight)
@@ -232,7 +260,8 @@ class Binary(_Classes):
         return np.tile(np.bincount(y, minlength=2) / len(y), (len(y), 1))
 
     def threshold_kind(self, metric) -> str | None:
-        return "positive" if metrics.needs_decisions(metric) and metric != "qwk" else None
+        return "positive" if metrics.needs_decisions(metric) and metrics.base(metric) != "qwk" \
+            else None
 
 
 @dataclass(frozen=True)
@@ -245,7 +274,8 @@ class Multilabel(Task):
     reads_label_columns: ClassVar[bool] = True
     allows_empty_target: ClassVar[bool] = True  # an empty label set is a row's "no label"
     separator: str = " "
-    pos_weight: tuple[float, ...] | None = None
+    balanced: bool = False  # train.pos_weight: balanced
+    pos_weight: tuple[float, ...] | None = None  # fitted: negatives / positives per label
 
     @classmethod
     def label_set(cls, train: pd.DataFrame, cfg, names=None) -> list[str]:
@@ -260,17 +290,18 @@ class Multilabel(Task):
         return found
 
     @staticmethod
-    def auto_format(value_columns: list[str], classes: list[str], fractional: bool) -> str:
+    def auto_format(value_columns: list[str], classes: list[str], probabilities: bool) -> str:
         single = len(value_columns) == 1 and not set(classes) <= set(value_columns)
         return "labels" if single else "columns"
 
     @classmethod
     def build(cls, train, classes, cfg) -> Multilabel:
-        task = cls(tuple(classes), cfg.data.label_separator)
-        if _training(cfg) is not None and cfg.train.pos_weight == "balanced":
-            weight = _pos_weight(task.targets(train["target"], cfg.data.path("train_csv")))
-            task = dataclasses.replace(task, pos_weight=weight)
-        return task
+        training = _training(cfg)
+        return cls(tuple(classes), cfg.data.label_separator,
+                   training is not None and training.pos_weight == "balanced")
+
+    def fit(self, y):
+        return dataclasses.replace(self, pos_weight=_pos_weight(y)) if self.balanced else self
 
     def split(self, value: str) -> list[str]:
         return [p for p in value.split(self.separator) if p.strip()]
@@ -320,7 +351,9 @@ class Multilabel(Task):
 
 @dataclass(frozen=True)
 class Regression(Task):
-    """One output on the target scaled to [0, 1] by the train range; predictions in target units."""
+    """One output on the target scaled to [0, 1] by a range, predictions in target units: the
+    competition's task holds the whole train table's range (the grades a grade metric such as
+    QWK scores over), a fold's task its training rows' range (what its model is scaled by)."""
 
     kind: ClassVar[str] = "regression"
     predicts: ClassVar[str] = "values"
@@ -337,7 +370,7 @@ class Regression(Task):
         return [cfg.data.target_column]
 
     @staticmethod
-    def auto_format(value_columns, classes, fractional) -> str:
+    def auto_format(value_columns, classes, probabilities) -> str:
         return "value"
 
     @classmethod
@@ -353,6 +386,15 @@ class Regression(Task):
         d = super().to_json()
         d["loss"] = d.pop("loss_kind")
         return d
+
+    def fit(self, y):
+        high = y.max() if y.max() > y.min() else y.min() + 1
+        return dataclasses.replace(self, low=float(y.min()), high=float(high))
+
+    @property
+    def decision_labels(self) -> np.ndarray:
+        """The grades a grade metric scores over: the integers of the target's range."""
+        return np.arange(np.rint(self.low), np.rint(self.high) + 1).astype(np.int64)
 
     def targets(self, values: pd.Series, source: str = "") -> np.ndarray:
         return numeric(values, source)
@@ -377,15 +419,18 @@ class Regression(Task):
     def baseline(self, y):
         return np.full((len(y), 1), float(np.mean(y)))
 
-    def decisions(self, y, pred, thresholds=None):
-        """(true grades, predicted grades) of values: rounding clipped to the truth's range, or
-        `thresholds` = (grades, cut points)."""
-        values, truth = np.asarray(pred).reshape(-1), np.rint(y)
+    def decide(self, pred: np.ndarray, thresholds=None) -> np.ndarray:
+        """The grade of each value: rounding, within the task's grades, or the grade between
+        the cut points of `thresholds` = (grades, cut points)."""
+        values = np.asarray(pred).reshape(-1)
         if thresholds is None:
-            hard = np.clip(np.rint(values), truth.min(), truth.max())
-        else:
-            hard = grade_of(values, *thresholds)
-        return truth.astype(np.int64), hard.astype(np.int64)
+            labels = self.decision_labels
+            return np.clip(np.rint(values), labels.min(), labels.max())
+        return grade_of(values, *thresholds)
+
+    def decisions(self, y, pred, thresholds=None):
+        """(true grades, predicted grades) of values (`decide`)."""
+        return np.rint(y).astype(np.int64), self.decide(pred, thresholds).astype(np.int64)
 
     def fold_strata(self, target, y):
         return y, "values"
@@ -401,7 +446,7 @@ class Ordinal(Regression):
     grades: tuple[float, ...] = ()
 
     @staticmethod
-    def auto_format(value_columns, classes, fractional) -> str:
+    def auto_format(value_columns, classes, probabilities) -> str:
         return "label"
 
     @classmethod
@@ -414,6 +459,10 @@ class Ordinal(Regression):
         return cls(base.columns, base.low, base.high, base.loss_kind,
                    tuple(float(g) for g in sorted(set(y.tolist()))))
 
+    @property
+    def decision_labels(self) -> np.ndarray:
+        return np.asarray(self.grades).astype(np.int64)
+
     def cuts(self) -> np.ndarray:
         """Default cut points: midpoints between neighbouring grades (rounding)."""
         g = np.asarray(self.grades)
@@ -425,7 +474,7 @@ class Ordinal(Regression):
 
     def decide(self, pred: np.ndarray, thresholds=None) -> np.ndarray:
         """The grade of each value at the cut points of `thresholds` (default: midpoints)."""
-        return self.grade(pred[:, 0], None if thresholds is None else thresholds[1])
+        return self.grade(np.asarray(pred).reshape(-1), None if thresholds is None else thresholds[1])
 
     @property
     def label_names(self) -> list[str]:
@@ -437,7 +486,7 @@ class Ordinal(Regression):
         return [spelled[g] for g in hard.tolist()]
 
     def threshold_kind(self, metric) -> str | None:
-        return "cuts" if metric in ("qwk", "accuracy") else None
+        return "cuts" if metrics.base(metric) in ("qwk", "accuracy") else None
 
     def per_column_scores(self, y, pred) -> dict:
         """{grade: OOF mean absolute error of the predicted value}."""

@@ -8,12 +8,14 @@ cannot drift apart.
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pipeline.core import tasks
@@ -30,7 +32,7 @@ class PredictSpec:
     """Everything besides the weights that decides one experiment's predictions."""
 
     model: dict  # ModelConfig fields; the architecture is rebuilt from them without weights
-    task: tasks.Task  # its head size, how logits become predictions and how views merge
+    task: tasks.Task  # the competition's: head size, columns, how views merge
     channels: int
     image_size: int
     spec: InputSpec
@@ -74,13 +76,37 @@ def experiment_spec(cfg: ExperimentConfig, spec: InputSpec, task: tasks.Task,
                        cfg.tta.max_batch or cfg.train.eval_batch_size, cfg.train.precision)
 
 
+@dataclass(frozen=True)
+class FoldModel:
+    """A fold's model and its fold's task (fitted on the fold's training rows: how the model's
+    outputs read, e.g. the range a regression target was scaled by)."""
+
+    module: torch.nn.Module
+    task: tasks.Task
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, task: tasks.Task) -> None:
+    """A fold's weights in safetensors, its fold's task in the file's metadata."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"task": json.dumps(task.to_json())})
+
+
+def checkpoint_task(path: Path) -> tasks.Task:
+    """The fold's task a checkpoint was trained with."""
+    with safe_open(str(path), "pt") as f:
+        return tasks.from_json(json.loads(f.metadata()["task"]))
+
+
 def save_weights(src: Path, dst: Path, half: bool) -> None:
-    """Copy a safetensors checkpoint, its floating tensors stored as float16 when `half`."""
+    """Copy a checkpoint (its metadata too), its floating tensors stored as float16 when `half`."""
     state = load_file(str(src))
+    with safe_open(str(src), "pt") as f:
+        metadata = f.metadata()
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     with atomic_path(dst) as tmp:
-        save_file(state, str(tmp))
+        save_file(state, str(tmp), metadata=metadata)
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -89,16 +115,16 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.dtype == torch.float16 else v for k, v in state.items()}
 
 
-def load_model(ps: PredictSpec, path: Path, on: torch.device | None = None) -> torch.nn.Module:
-    """The fold model of `ps` with the weights at `path`, in eval mode, on `on` (CPU)."""
+def load_model(ps: PredictSpec, path: Path, on: torch.device | None = None) -> FoldModel:
+    """The fold model of `ps` with the checkpoint at `path`, in eval mode, on `on` (CPU)."""
     cfg = ModelConfig(**{**ps.model, "pretrained": False})
     model = create_model(cfg, ps.task.n_outputs, ps.channels)
     model.load_state_dict(load_weights(path))
     model = to_memory_format(model, ps.channels_last).eval()
-    return model.to(on) if on is not None else model
+    return FoldModel(model.to(on) if on is not None else model, checkpoint_task(path))
 
 
-def predict_batches(models: list[torch.nn.Module], batches: Iterable[torch.Tensor],
+def predict_batches(models: list[FoldModel], batches: Iterable[torch.Tensor],
                     ps: PredictSpec, rt: Runtime | None = None) -> dict[str, list[np.ndarray]]:
     """{view set: one N x K float64 prediction array per model} for uint8 N x C x H x W batches.
 
@@ -114,8 +140,8 @@ def predict_batches(models: list[torch.nn.Module], batches: Iterable[torch.Tenso
         for x in batches:
             x, = rt.to_device(x)
             for i, model in enumerate(models):
-                sets = tta.predict_sets(model, x, ps.image_size, views, ps.merge, prep,
-                                        ps.max_batch, ps.task)
+                sets = tta.predict_sets(model.module, x, ps.image_size, views, ps.merge, prep,
+                                        ps.max_batch, model.task)
                 for v, p in sets.items():
                     out[v][i].append(p.cpu())
     return {v: [ps.task.finish(torch.cat(parts).numpy()) for parts in per_model]

@@ -8,30 +8,37 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from pipeline.core import layout
-from pipeline.core.artifacts import write_json
+from pipeline.core import layout, provenance
+from pipeline.core.artifacts import umask, write_json
 from pipeline.core.competition import Competition, load_competition_data
 from pipeline.core.config import EnsembleConfig, load_experiment
 from pipeline.core.errors import UserError
 from pipeline.models.predictor import save_weights
 from pipeline.packaging.manifest import manifest
-from pipeline.training.experiment import prepare
+from pipeline.training.experiment import Experiment, prepare
+from pipeline.training.prediction import candidate_view_sets
 
 SOURCE = Path(__file__).resolve().parents[2]  # the project: pyproject.toml and pipeline/
 
 
 def build_wheel(dest: Path) -> Path:
-    """A wheel of this project's `pipeline` package (no tests, no dependencies) in `dest`."""
+    """A wheel of this project's `pipeline` package (no tests, no dependencies) in `dest`,
+    versioned by the code's hash (`0.1.0+<hash>`), so pip never keeps other code as already
+    satisfied."""
     if not (SOURCE / "pyproject.toml").is_file():
         raise UserError(f"{SOURCE}: no pyproject.toml; package from the project's source tree")
     with tempfile.TemporaryDirectory() as work:
-        shutil.copy(SOURCE / "pyproject.toml", work)
+        project = (SOURCE / "pyproject.toml").read_text()
+        version = re.search(r'^version = "([^"+]+)"', project, re.M).group(1)
+        (Path(work) / "pyproject.toml").write_text(project.replace(
+            f'version = "{version}"', f'version = "{version}+{provenance.code_hash()}"', 1))
         shutil.copytree(SOURCE / "pipeline", Path(work) / "pipeline",
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
@@ -43,13 +50,13 @@ def build_wheel(dest: Path) -> Path:
     return next(dest.glob("*.whl"))
 
 
-def chosen_views(cfg, scores: dict, path: Path) -> str:
+def chosen_views(exp: Experiment, scores: dict) -> str:
     """The view set the experiment's predict stage chose, refusing one predicted with other TTA."""
-    views = scores.get("tta_views")
+    views, cfg = scores.get("tta_views"), exp.cfg
     if views is None or scores.get("tta_merge") != cfg.tta.merge or \
-            cfg.tta.views not in ("auto", views):
-        raise UserError(f"{path}: not predicted with the experiment's current TTA settings; "
-                        f"run `make predict COMP={cfg.name}`")
+            views not in candidate_view_sets(cfg, exp.side):
+        raise UserError(f"{exp.run.scores}: not predicted with the experiment's current TTA "
+                        f"settings; run `make predict COMP={cfg.name}`")
     return views
 
 
@@ -57,7 +64,7 @@ def add_experiment(config: Path, pkg: layout.Package, half: bool) -> int:
     """The experiment's prediction spec and fold weights in the package; returns its number
     of folds."""
     exp = prepare(load_experiment(config))
-    views = chosen_views(exp.cfg, exp.trained_scores(), exp.run.scores)
+    views = chosen_views(exp, exp.trained_scores())
     name, n_folds = exp.cfg.experiment, exp.cfg.folds.n_splits
     for k in range(n_folds):
         save_weights(exp.run.best(k), pkg.weights(name, k), half)
@@ -90,7 +97,7 @@ def build(cfg: EnsembleConfig, config_dir: Path, out: Path, half: bool) -> Path:
     comp = load_competition_data(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would keep the package from others on upload hosts
+    tmp.chmod(0o777 & ~umask())  # mkdtemp's 0700 would keep the package from others
     pkg = layout.Package(tmp)
     try:
         folds = {name: add_experiment(config_dir / f"{name}.yaml", pkg, half)

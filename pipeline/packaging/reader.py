@@ -1,6 +1,7 @@
 """Predicting from an inference package alone (the offline path of `infer`): the verified
 package, the sample submission's ids in its layout, and every experiment's test predictions
-from streamed images through the one inference path, blended as the ensemble stage blends.
+through the one inference path (images decoded once per distinct input size), blended as the
+ensemble stage blends.
 
 Imports nothing it does not need: no training code, no optuna, no plotting.
 """
@@ -9,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -20,19 +21,17 @@ import torch
 from tqdm import tqdm
 
 from pipeline.blending import blend
-from pipeline.core import layout
+from pipeline.core import layout, tasks
 from pipeline.core.artifacts import as_written
 from pipeline.core.competition import read_table
 from pipeline.core.errors import UserError
 from pipeline.core.submission import SubmissionFormat
-from pipeline.data.images import decode, resize
+from pipeline.data.images import image_cache
+from pipeline.data.loader import CachedImages, make_loader
 from pipeline.models import tta
 from pipeline.models.predictor import PredictSpec, load_model, predict_batches
 from pipeline.packaging.manifest import verify, versions
 from pipeline.runtime.device import Runtime
-
-DECODE_THREADS = 4  # PIL and cv2 release the GIL
-
 
 @dataclass(frozen=True)
 class LoadedPackage:
@@ -71,19 +70,7 @@ def read_sample(path: Path, pkg: LoadedPackage) -> SubmissionFormat:
     if dup.any():
         raise UserError(f"{path}: duplicate id {ids[dup].iloc[0]!r}")
     return SubmissionFormat(sub["id_column"], sub["format"], tuple(sub["columns"]), tuple(ids),
-                            sub["positive_class"], sub.get("binary_columns", False))
-
-
-def stream(paths: list[str], ps: PredictSpec, pool: ThreadPoolExecutor) -> Iterator[torch.Tensor]:
-    """uint8 N x C x side x side batches of the decoded, resized images (as the image cache
-    holds them), `ps.images_per_batch` at a time."""
-    def load(path: str) -> np.ndarray:
-        return resize(decode(path, ps.channels), ps.side)
-
-    size = ps.images_per_batch
-    for start in range(0, len(paths), size):
-        batch = np.stack(list(pool.map(load, paths[start:start + size])))
-        yield torch.from_numpy(batch).permute(0, 3, 1, 2)
+                            sub["positive_class"], sub["binary_columns"], sub["decided"])
 
 
 @dataclass
@@ -92,25 +79,44 @@ class Timing:
     predict_s: float = 0.0  # decoding, views, models
 
 
+def by_input(pkg: LoadedPackage) -> dict[tuple[int, int], list[str]]:
+    """The experiments grouped by the images they read: {(side, channels): names}."""
+    groups: dict[tuple[int, int], list[str]] = {}
+    for name in pkg.blend["experiments"]:
+        ps = pkg.specs[name]
+        groups.setdefault((ps.side, ps.channels), []).append(name)
+    return groups
+
+
 def predict_package(pkg: LoadedPackage, paths: list[str], on: torch.device,
                     timing: Timing, bar: tqdm | None = None) -> list[np.ndarray]:
-    """Each experiment's test predictions, averaged over its folds (rows in `paths` order)."""
-    out = []
-    with ThreadPoolExecutor(DECODE_THREADS) as pool:
-        for name in pkg.blend["experiments"]:
-            ps = pkg.specs[name]
+    """Each experiment's test predictions, averaged over its folds (rows in `paths` order).
+
+    The images are decoded and resized once per distinct input (side, channels) into a
+    temporary uint8 cache, as the predict stage's, and every experiment reading that input
+    takes its batches from it (a code competition's time limit counts every decode)."""
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="infer-cache-") as folder:
+        for (side, channels), names in by_input(pkg).items():
             started = time.perf_counter()
-            models = [load_model(ps, pkg.files.weights(name, k), on)
-                      for k in range(pkg.blend["folds"][name])]
-            timing.load_s += time.perf_counter() - started
-            started = time.perf_counter()
-            batches = stream(paths, ps, pool)
-            if bar is not None:
-                batches = _counted(batches, bar, name)
-            predicted = predict_batches(models, batches, ps, Runtime.on(on, ps.precision))
-            out.append(tta.average_folds(predicted[ps.view_sets[0]]))
+            images = image_cache(paths, side, channels, folder)
             timing.predict_s += time.perf_counter() - started
-    return out
+            for name in names:
+                ps, rt = pkg.specs[name], Runtime.on(on, pkg.specs[name].precision)
+                started = time.perf_counter()
+                models = [load_model(ps, pkg.files.weights(name, k), on)
+                          for k in range(pkg.blend["folds"][name])]
+                timing.load_s += time.perf_counter() - started
+                started = time.perf_counter()
+                loader = make_loader(CachedImages(images, np.arange(len(paths)), None),
+                                     ps.images_per_batch, False, 0, 0, **rt.loader_options())
+                batches = (x for x, _ in loader)
+                if bar is not None:
+                    batches = _counted(batches, bar, name)
+                predicted = predict_batches(models, batches, ps, rt)
+                out[name] = tta.average_folds(predicted[ps.view_sets[0]])
+                timing.predict_s += time.perf_counter() - started
+    return [out[name] for name in pkg.blend["experiments"]]
 
 
 def _counted(batches: Iterator[torch.Tensor], bar: tqdm, name: str) -> Iterator[torch.Tensor]:
@@ -124,7 +130,8 @@ def blended(pkg: LoadedPackage, per_experiment: list[np.ndarray]) -> np.ndarray:
     """The blend of the experiments' predictions, through the same numbers as the stages'
     files: each experiment's as predict writes it, the blend as the ensemble stage writes it."""
     probas = np.stack([as_written(p) for p in per_experiment])
-    return as_written(blend.blend(probas, np.asarray(pkg.blend["weights"]), pkg.blend["mode"]))
+    task = tasks.from_json(pkg.meta["task_spec"])
+    return as_written(blend.blend(probas, np.asarray(pkg.blend["weights"]), pkg.blend["mode"], task))
 
 
 def estimate(pkg: LoadedPackage, paths: list[str], n: int, on: torch.device) -> str:

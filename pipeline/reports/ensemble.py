@@ -32,7 +32,7 @@ def plot_folds(per_fold: dict, metric: str, path: Path) -> None:
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
     for name, scores in per_fold.items():
-        style = "-o" if name in ("nested-CV tuned", "equal weights") else "--."
+        style = "-o" if name in ("nested CV", "equal weights") else "--."
         ax.plot(list(scores), list(scores.values()), style, label=name)
     ax.set(xlabel="fold", ylabel=f"{metric}", title="per-fold scores")
     ax.set_xticks(list(next(iter(per_fold.values()))))
@@ -47,15 +47,15 @@ def _save_png(fig: Figure, path: Path) -> None:
 
 
 def score_table(result: dict) -> str:
-    """The markdown table: in-sample tuned, nested-CV tuned, equal weights, best single."""
-    metric = result["metric"]
-    nested = result["nested_cv"]
-    rows = [("in-sample tuned", result["tuned_in_sample_cv"],
-             "tuned and scored on the same OOF: optimistic"),
-            ("nested-CV tuned", nested,
-             "tuned on k-1 folds, scored on the held-out fold" if nested is not None
-             else "not run (nested_cv: false)"),
-            ("equal weights", result["equal_weights_cv"], "no tuning"),
+    """The markdown table: nested CV of what is submitted (the headline), in sample, equal
+    weights, best single."""
+    metric, nested = result["metric"], result["nested_cv"]
+    rows = [("submitted, nested CV", None if nested is None else nested["cv"],
+             "weights, mode and thresholds chosen on the other folds, scored on the held-out "
+             "fold: the honest figure" if nested is not None else "not run (nested_cv: false)"),
+            ("submitted, in sample", result["in_sample_cv"],
+             "chosen and scored on the same OOF: optimistic"),
+            ("equal weights", result["equal_weights_cv"], "no tuning, default decisions"),
             (f"best single ({result['best_single']})", result["single_cv"][result["best_single"]],
              "OOF with TTA")]
     lines = [f"| blend | {metric} | |", "| --- | --- | --- |"]
@@ -63,64 +63,65 @@ def score_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def used(result: dict) -> str:
+    """What is submitted, in words."""
+    weights = ", ".join(f"{n}={w:.3f}" for n, w in result["weights"].items())
+    decisions = {None: "", "default": ", default decisions",
+                 "tuned": ", tuned decision thresholds"}[result["thresholds_choice"]]
+    return f"{result['weights_choice']} weights {weights}, mode {result['mode']}{decisions}"
+
+
 def headline(result: dict) -> str:
-    """The score to quote first: nested CV for tuned weights (the in-sample OOF score of weights
-    tuned on that same OOF is optimistic), the plain OOF score for untuned equal weights."""
-    metric, weights = result["metric"], result["weights"]
-    used = (f"{result['choice']} weights {', '.join(f'{n}={w:.3f}' for n, w in weights.items())}, "
-            f"mode {result['mode']}")
-    if result["choice"] == "tuned" and result["nested_cv"] is not None:
-        return (f"nested-CV {metric} {result['nested_cv']:.5f} with {used} "
-                f"(in-sample OOF {result['cv']:.5f}, optimistic)")
-    if result["choice"] == "tuned":
-        return f"in-sample OOF {metric} {result['cv']:.5f} with {used} (nested_cv off: unchecked)"
-    return f"OOF {metric} {result['cv']:.5f} with {used}"
+    """The score to quote first: the nested-CV score of exactly what is submitted, the
+    in-sample score beside it, labelled optimistic."""
+    metric = result["metric"]
+    if result["nested_cv"] is None:
+        return (f"in-sample OOF {metric} {result['cv']:.5f} with {used(result)} "
+                f"(nested_cv off: optimistic, unchecked)")
+    return (f"{result['cv_basis']} {metric} {result['cv']:.5f} with {used(result)} "
+            f"(in-sample {result['in_sample_cv']:.5f}, optimistic)")
 
 
-def threshold_lines(result: dict) -> list[str]:
-    """Markdown: the decision thresholds (default, in-sample tuned, nested-CV tuned) and the
-    blend's per-label or per-grade scores, where they exist."""
-    lines = []
-    th = result.get("threshold_scores")
-    if th:
-        lines += ["## Decision thresholds", "",
-                  f"| thresholds ({th['kind']}) | {result['metric']} |", "| --- | --- |",
-                  f"| default (0.5 / rounding) | {th['default']:.5f} |",
-                  f"| tuned in sample (optimistic) | {th['in_sample']:.5f} |",
-                  f"| tuned under nested CV | {th['nested']:.5f} |", "",
-                  f"Used: {th['used']} thresholds (tuned: {th['tuned']}).", ""]
-    if result.get("per_column"):
-        lines += ["## Per label / grade (OOF of the blend)", "",
-                  "| column | score |", "| --- | --- |",
-                  *[f"| {c} | {v:.4f} |" for c, v in result["per_column"].items()], "",
-                  "Labels: ROC-AUC; grades: mean absolute error of the predicted grade value.", ""]
+def per_column_lines(result: dict) -> list[str]:
+    """Markdown: the blend's per-label or per-grade scores, where the task has them."""
+    if not result.get("per_column"):
+        return []
+    return ["## Per label / grade (OOF of the blend)", "",
+            "| column | score |", "| --- | --- |",
+            *[f"| {c} | {v:.4f} |" for c, v in result["per_column"].items()], "",
+            "Labels: ROC-AUC; grades: mean absolute error of the predicted grade value.", ""]
+
+
+def choices_table(result: dict) -> list[str]:
+    """Markdown: what was chosen on all folds and, under nested CV, without each fold."""
+    names = result["experiments"]
+    folds = (result["nested_cv"] or {}).get("folds", {})
+    chosen = {"all folds (submitted)": result, **{f"without fold {f}": c for f, c in folds.items()}}
+    head = ["chosen on", *names, "mode", "weights", "thresholds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for label, c in chosen.items():
+        th = c["thresholds"]
+        th_text = "-" if c["thresholds_choice"] is None else c["thresholds_choice"] if th is None \
+            else "tuned " + ", ".join(f"{v:.2f}" for v in np.atleast_1d(th.get("cuts", th.get("values"))))
+        lines.append("| " + " | ".join([label, *[f"{c['weights'][n]:.3f}" for n in names],
+                                         c["mode"], c["weights_choice"], th_text]) + " |")
     return lines
 
 
 def render_report(result: dict, cfg: EnsembleConfig) -> str:
-    names = result["experiments"]
-    nested = result["nested_fold_weights"]
-    head = ["experiment", "single CV", "tuned (all folds)", "used"] + [f"fold {f}" for f in nested]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for n in names:
-        cells = [n, f"{result['single_cv'][n]:.5f}", f"{result['tuned_weights'][n]:.3f}",
-                 f"{result['weights'][n]:.3f}"] + [f"{w[n]:.3f}" for w in nested.values()]
-        lines.append("| " + " | ".join(cells) + " |")
-    modes = [result["tuned_mode"], result["mode"]] + list(result["nested_fold_modes"].values())
-    lines.append("| mode | | " + " | ".join(modes) + " |")
     storage = cfg.storage or f"sqlite:///{layout.Run.of(cfg.name, cfg.experiment).study}"
     sampler = "TPE, a study shared through `storage`" if cfg.storage else f"TPE, seed {cfg.seed}"
     return "\n".join([
-        f"# Ensemble `{cfg.experiment}` of {cfg.name}: {', '.join(names)}", "",
+        f"# Ensemble `{cfg.experiment}` of {cfg.name}: {', '.join(result['experiments'])}", "",
         f"Metric: {result['metric']} ({metrics.direction(result['metric'])}); "
-        f"{cfg.trials} optuna trials ({sampler}), mode `{cfg.mode}`.", "",
+        f"{cfg.trials} optuna trials per study ({sampler}), mode `{cfg.mode}`.", "",
         score_table(result), "",
-        *threshold_lines(result),
-        f"**Used: {result['choice']} weights, mode `{result['mode']}`, OOF {result['metric']} "
-        f"{result['cv']:.5f}.** {result['decision']}", "",
-        "## Weights", "",
-        "Tuned on all folds, used, and (nested CV) tuned without each fold:", "",
-        *lines, "",
+        f"**Submitted: {used(result)}. {headline(result)}.**", "",
+        "Every choice (weights and mode, equal weights instead when tuned ones do not beat them "
+        "under CV, decision thresholds instead of the defaults likewise) is made by one "
+        "procedure; the nested figure runs it without each fold and scores that fold.", "",
+        "## Choices", "", *choices_table(result), "",
+        *per_column_lines(result),
         f"Study: `{storage}`, name `{cfg.name}-{cfg.experiment}`.", "",
         "![optimisation history](history.png)", "",
         "![per-fold scores](folds.png)", ""])
@@ -129,6 +130,7 @@ def render_report(result: dict, cfg: EnsembleConfig) -> str:
 def write(study: optuna.Study, result: dict, cfg: EnsembleConfig, run: layout.Run) -> None:
     """report.md with history.png (the optimisation history) and folds.png (per-fold scores)."""
     metric = metrics.name(cfg.metric)
-    plot_history(study, metric, run.file("history.png"))
+    if study.trials:
+        plot_history(study, metric, run.file("history.png"))
     plot_folds(result["per_fold"], metric, run.file("folds.png"))
     write_text(render_report(result, cfg), run.report)

@@ -1,21 +1,15 @@
-"""A fold's checkpoints: the best weights (safetensors, what predict and packages read) and
-the last state for resume (`last.pt`: model, optimizer, EMA, loss scaler and loop state,
-loaded with `weights_only=True`), each written atomically."""
+"""A fold's checkpoints: the best weights (safetensors with the fold's task, what predict and
+packages read: pipeline.models.predictor.save_checkpoint) and the last state for resume
+(`last.pt`: model, optimizer, EMA, loss scaler and loop state, loaded with
+`weights_only=True`), each written atomically."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from pipeline.core import layout
 from pipeline.core.artifacts import atomic_path
-
-
-def save_weights(path: Path, model: torch.nn.Module) -> None:
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                  str(tmp))
 
 
 def save_last(path: Path, tag: str, state: dict, model, optimizer, ema, scaler) -> None:
@@ -45,12 +39,13 @@ def load_last(path: Path, tag: str, model, optimizer, ema, scaler) -> dict | Non
 
 
 def resume_point(run: layout.Run, n_splits: int) -> str:
-    """Where the next `train` of this run starts: the first unfinished fold, its stage and epoch."""
+    """Where the next `train` of this run starts: the first unfinished fold, its stage and epoch
+    (stages counted from 0, epochs from 1, as the progress lines count them)."""
     for fold in range(n_splits):
         if run.fold_oof(fold).is_file():
             continue
         if run.last(fold).is_file():
             state = torch.load(run.last(fold), map_location="cpu", weights_only=True)["state"]
-            return f"fold {fold} stage {state['stage']} epoch {state['epoch']}"
+            return f"fold {fold} stage {state['stage']} epoch {state['epoch'] + 1}"
         return f"the start of fold {fold}"
     return "the OOF of the finished folds"

@@ -20,7 +20,7 @@ import torch
 
 from pipeline.core import layout
 from pipeline.core.artifacts import file_hash
-from pipeline.core.competition import Competition, load_competition_data
+from pipeline.core.competition import Competition, data_identity, load_competition_data
 from pipeline.core.config import ExperimentConfig, config_hash
 from pipeline.core.errors import UserError
 from pipeline.core.splits import read_folds
@@ -28,7 +28,8 @@ from pipeline.data.images import image_cache
 from pipeline.data.loader import CachedImages, make_loader
 from pipeline.models import tta
 from pipeline.models.factory import InputSpec, experiment_input
-from pipeline.models.predictor import PredictSpec, experiment_spec, load_model, predict_batches
+from pipeline.models.predictor import (FoldModel, PredictSpec, experiment_spec, load_model,
+                                       predict_batches)
 from pipeline.runtime import device
 from pipeline.runtime.device import Runtime
 
@@ -49,7 +50,7 @@ class Experiment:
     images: np.ndarray  # cached uint8 images, one per train row
     side: int  # their side: image_size / crop_pct
     spec: InputSpec
-    tag: str  # config + fold-file hash; artifacts built from another tag are stale
+    tag: str  # config, fold-file and data hashes; artifacts built from another tag are stale
     rt: Runtime  # where tensors run
 
     @property
@@ -66,12 +67,12 @@ class Experiment:
                              self.cfg.train.num_workers, 0, **self.rt.loader_options())
         return (x for x, _ in loader)
 
-    def predict(self, models: list[torch.nn.Module], images: np.ndarray, rows: np.ndarray,
+    def predict(self, models: list[FoldModel], images: np.ndarray, rows: np.ndarray,
                 ps: PredictSpec) -> dict[str, list[np.ndarray]]:
         """{view set: one prediction array per model} of cache `rows` (the one inference path)."""
         return predict_batches(models, self.batches(images, rows, ps.images_per_batch), ps, self.rt)
 
-    def predict_plain(self, model: torch.nn.Module, rows: np.ndarray) -> np.ndarray:
+    def predict_plain(self, model: FoldModel, rows: np.ndarray) -> np.ndarray:
         """The task's predictions (float64: probabilities, or values) of the centre crops of
         train cache `rows`, `train.eval_batch_size` at a time: the validation pass.
 
@@ -82,10 +83,10 @@ class Experiment:
         shard = self.rt.shard(rows)
         if not len(shard):  # under torchrun, a rank with no rows of its own
             return self.rt.gather_rows(np.zeros((0, len(self.comp.classes))))
-        model.eval()
+        model.module.eval()
         return self.rt.gather_rows(self.predict([model], self.images, shard, plain)["none"][0])
 
-    def fold_model(self, k: int, weights: Path | None = None) -> torch.nn.Module:
+    def fold_model(self, k: int, weights: Path | None = None) -> FoldModel:
         """Fold `k`'s model with its best weights (or those at `weights`), on the run's
         device, ready to predict."""
         return load_model(self.predict_spec(["none"]), weights or self.run.best(k), self.rt.device)
@@ -143,10 +144,12 @@ class Experiment:
         return self.frame(self.comp.train["id"].iloc[rows], k, pred)
 
 
-def run_tag(cfg: ExperimentConfig) -> str:
+def run_tag(cfg: ExperimentConfig, comp: Competition) -> str:
     """The run's identity: its resolved config (less TTA, which needs no retraining, and the
-    device, which does not change what is trained) and the fold file's bytes."""
-    return f"{config_hash(cfg, exclude={'tta', 'device'})}-{file_hash(layout.folds_file(cfg.name))}"
+    device, which does not change what is trained), the fold file's bytes and the train data
+    (targets and image files): `<config>-<folds>-<data>`."""
+    return (f"{config_hash(cfg, exclude={'tta', 'device'})}-{file_hash(layout.folds_file(cfg.name))}"
+            f"-{data_identity(comp)['train']}")
 
 
 def prepare(cfg: ExperimentConfig, rt: Runtime | None = None) -> Experiment:
@@ -166,4 +169,4 @@ def prepare(cfg: ExperimentConfig, rt: Runtime | None = None) -> Experiment:
         folds = comp.train["id"].map(lookup).to_numpy(np.int64)
         spec, side = experiment_input(cfg, comp.task.n_outputs)
         images = image_cache(list(comp.train["path"]), side, cfg.data.channels, cfg.data.cache_dir)
-    return Experiment(cfg, comp, folds, images, side, spec, run_tag(cfg), rt)
+    return Experiment(cfg, comp, folds, images, side, spec, run_tag(cfg, comp), rt)

@@ -33,13 +33,15 @@ from tqdm import tqdm
 from pipeline.core import layout, metrics
 from pipeline.core.artifacts import write_csv
 from pipeline.core.config import ExperimentConfig, TrainConfig
+from pipeline.core.tasks import Task
 from pipeline.core.errors import UserError
 from pipeline.data.augment import mixer, train_transform
 from pipeline.data.loader import CachedImages, DeviceBatches, EpochLoaders, make_loader, \
     to_memory_format
 from pipeline.models import finetune
 from pipeline.models.factory import create_model
-from pipeline.training.checkpoints import load_last, save_last, save_weights
+from pipeline.models.predictor import FoldModel, save_checkpoint
+from pipeline.training.checkpoints import load_last, save_last
 from pipeline.training.experiment import Experiment, seed_everything
 
 
@@ -81,6 +83,7 @@ class Fold:
     exp: Experiment
     index: int
     dir: Path
+    task: Task  # the competition's task fitted on this fold's training rows
     model: torch.nn.Module
     groups: list[list[str]]  # parameter names per layer group, bottom to top
     plan: list[finetune.Stage]
@@ -106,6 +109,10 @@ class Fold:
     def weights(self) -> torch.nn.Module:
         """What is evaluated and saved: the EMA when set, else the model."""
         return self.ema.module if self.ema is not None else self.model
+
+    @property
+    def evaluated(self) -> FoldModel:
+        return FoldModel(self.weights, self.task)
 
 
 def init_model(exp: Experiment, fold: int) -> torch.nn.Module:
@@ -167,7 +174,7 @@ def start_fold(exp: Experiment, fold: int, fold_dir: Path) -> Fold:
                         f"than fold {fold}'s {len(train_rows)} training images")
     model = init_model(exp, fold)
     groups = finetune.layer_groups(model)
-    return Fold(exp, fold, fold_dir, model, groups,
+    return Fold(exp, fold, fold_dir, exp.comp.task.fit(exp.comp.y[train_rows]), model, groups,
                 finetune.stage_plan(cfg, len(train_rows), len(groups)),
                 build_optimizer(cfg, model, groups),
                 ModelEmaV3(model, decay=tc.ema_decay) if tc.ema_decay else None,
@@ -195,8 +202,8 @@ def train_epoch(f: Fold, state: LoopState, loader, lr_factors: list[float], firs
             first_lrs = first_lrs or finetune.group_lr_row(f.optimizer)
         with rt.no_sync(trained, not last), rt.autocast():
             if f.mix is not None:
-                x, y = exp.comp.task.mix(f.mix, x, y)
-            loss = exp.comp.task.loss(trained(x).float(), y, tc.label_smoothing)
+                x, y = f.task.mix(f.mix, x, y)
+            loss = f.task.loss(trained(x).float(), y, tc.label_smoothing)
         if first:  # the last step's gradients are freed only now: their memory serves this one's
             f.optimizer.zero_grad(set_to_none=True)
         rt.backward(loss / tc.accumulate if tc.accumulate > 1 else loss, f.scaler)
@@ -243,7 +250,7 @@ def run_epoch(f: Fold, state: LoopState, loaders: EpochLoaders) -> dict:
                             f"{stage.epochs}")
     train_seconds = time.perf_counter() - started
     y = f.exp.comp.y[f.val_rows]
-    pred = f.exp.predict_plain(f.weights, f.val_rows)
+    pred = f.exp.predict_plain(f.evaluated, f.val_rows)
     images = len(loader) * tc.batch_size * rt.world.size
     return dict(epoch=f.epoch_index(state), stage=state.stage, stage_epoch=state.epoch,
                 trainable_groups=stage.trainable, train_loss=loss,
@@ -255,10 +262,13 @@ def run_epoch(f: Fold, state: LoopState, loaders: EpochLoaders) -> dict:
 
 
 def keep_best(f: Fold, state: LoopState, row: dict) -> None:
-    if metrics.better(f.exp.cfg.metric, row["val_metric"], state.best):
+    """The first epoch's weights are kept whatever its score (an undefined one included), later
+    ones when they score better."""
+    first = state.best == metrics.worst(f.exp.cfg.metric)
+    if first or metrics.better(f.exp.cfg.metric, row["val_metric"], state.best):
         state.best, state.bad_epochs = row["val_metric"], 0
         if f.exp.rt.world.primary:
-            save_weights(f.dir / layout.BEST, f.weights)
+            save_checkpoint(f.dir / layout.BEST, f.weights, f.task)
     else:
         state.bad_epochs += 1
 
@@ -314,9 +324,9 @@ def resume(f: Fold) -> tuple[LoopState, list[dict]]:
     log, log_path = [], f.dir / layout.LOG
     if state.step and log_path.is_file():
         log = [r for r in pd.read_csv(log_path).to_dict("records") if r["epoch"] < f.epoch_index(state)]
-    if state.step and f.exp.rt.world.primary:
-        print(f"fold {f.index}: resuming at stage {state.stage} epoch {state.epoch}",
-              file=sys.stderr)
+    if state.step and f.exp.rt.world.primary and state.stage < len(f.plan):
+        print(f"fold {f.index}: resuming at stage {state.stage} epoch {state.epoch + 1}/"
+              f"{f.plan[state.stage].epochs} (as the progress lines count)", file=sys.stderr)
     return state, log
 
 

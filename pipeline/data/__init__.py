@@ -1,0 +1,2 @@
+"""The data path: image decoding and the uint8 cache, augmentation (batched), loaders and
+normalisation."""
