@@ -179,6 +179,21 @@ def test_normalize_uses_the_model_statistics():
     assert cl.is_contiguous(memory_format=torch.channels_last) and torch.allclose(cl, expected, atol=1e-5)
 
 
+def test_normalize_makes_its_factors_once_per_device_with_the_same_result(monkeypatch):
+    """The per-channel scale and shift are built once per (statistics, device), not per batch
+    (on a GPU each was a host-to-device copy); the output is bit for bit the formula's."""
+    x = torch.randint(0, 256, (2, 3, 5, 5), dtype=torch.uint8)
+    first = normalize(x, SPEC)
+    made, tensor = [], torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(a) or tensor(*a, **k))
+    again = normalize(x, SPEC, channels_last=True)
+    monkeypatch.undo()
+    assert made == []
+    scale = torch.tensor([1.0 / (255.0 * s) for s in SPEC.std]).view(1, -1, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(SPEC.mean, SPEC.std)]).view(1, -1, 1, 1)
+    assert torch.equal(first, torch.addcmul(shift, x, scale)) and torch.equal(first, again)
+
+
 def test_one_channel_is_normalised_with_the_averaged_statistics():
     (mean,), (std,) = channel_stats(SPEC, 1)
     assert mean == pytest.approx(0.449) and std == pytest.approx(0.226)

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,3 +163,57 @@ def test_error_mode_names_a_missing_file(tiny):
     (tiny / "data/tiny/train/tr0001.png").unlink()
     with pytest.raises(UserError, match="train.csv: row 3: no image file for id 'tr0001'"):
         competition.load_competition_data(load_competition("configs/tiny/competition.yaml"))
+
+
+RACE = """\
+import sys, time
+from pathlib import Path
+import numpy as np
+from pipeline.data import images
+
+folder, me = Path(sys.argv[1]), sys.argv[2]
+paths = [str(folder / "img" / f"{i}.png") for i in range(6)]
+decode = images.decode
+
+def slow(path, channels=3):  # a slow decoder widens the race; logs who decoded what
+    with open(folder / f"decoded_{me}", "a") as log:
+        log.write(f"{path}\\n")
+    time.sleep(0.03)
+    return decode(path, channels)
+
+images.decode = slow
+(folder / f"ready_{me}").touch()
+while len(list(folder.glob("ready_*"))) < 2:  # start together
+    time.sleep(0.001)
+bad = images.undecodable(paths + [str(folder / "broken.png")], folder / "cache")
+np.save(folder / f"out_{me}.npy", images.image_cache(paths, 16, 3, folder / "cache"))
+print(sorted(bad))
+"""
+
+
+def test_processes_building_the_same_cache_at_once_share_one_build(tmp_path):
+    """The ranks of a torchrun (or trainings of separate folds) asking for the same cache at the
+    same time: one decodes and builds, the other waits on the lock and reads the result; one
+    whole cache and one decode record, nothing half-written, every image decoded once each."""
+    paths = _png_set(tmp_path / "img", n=6)
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    (tmp_path / "race.py").write_text(RACE)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "race.py", str(tmp_path), me], cwd=tmp_path,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for me in ("a", "b")]
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-2000:]
+        assert out.strip() == repr([str(tmp_path / "broken.png")])
+    decoded = [line for me in ("a", "b") if (tmp_path / f"decoded_{me}").is_file()
+               for line in (tmp_path / f"decoded_{me}").read_text().split()]
+    assert sorted(decoded) == sorted(paths * 2 + [str(tmp_path / "broken.png")])  # check + cache
+    expected = np.stack([images.resize(images.decode(p), 16) for p in paths])
+    for me in ("a", "b"):
+        np.testing.assert_array_equal(np.load(tmp_path / f"out_{me}.npy"), expected)
+    cache = tmp_path / "cache"
+    assert len(list(cache.glob("*.npy"))) == 1 and len(list(cache.glob("*_bad.json"))) == 1
+    assert not list(cache.glob(".*.tmp"))
+    np.testing.assert_array_equal(np.load(next(cache.glob("*.npy"))), expected)

@@ -147,3 +147,24 @@ def test_all_views_of_a_batch_go_through_one_forward_pass():
     model.calls.clear()
     tta.predict_sets(model, x, SIZE, ["ten_crop"], "mean", lambda v: v.float(), 20)
     assert model.calls == [20, 20, 10]  # chunked only when the batch exceeds max_batch
+
+
+def test_index_tensors_are_made_once_per_device_and_reused(monkeypatch):
+    """The pixel gather index and each view set's rows are built once per (inputs, device),
+    not per batch (on a GPU each was a host-to-device copy); predictions are unchanged."""
+    rng = np.random.default_rng(2)
+    x = torch.from_numpy(rng.integers(0, 256, (3, 1, SIDE, SIDE), dtype=np.uint8))
+    model = Linear(rng.normal(0, 0.05, (4, SIZE * SIZE)))
+    sets = ["hflip", "five_crop", "ten_crop"]  # each a part of their union: picked by rows
+    first = tta.predict_sets(model, x, SIZE, sets, "mean", lambda v: v.float() / 255, 100)
+    made, tensor = [], torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(a) or tensor(*a, **k))
+    again = tta.predict_sets(model, x, SIZE, sets, "mean", lambda v: v.float() / 255, 100)
+    monkeypatch.undo()
+    assert made == [] and all(torch.equal(first[s], again[s]) for s in sets)
+    needed, cpu, meta = tta.union(sets), torch.device("cpu"), torch.device("meta")
+    assert tta.gather_index(SIDE, SIDE, SIZE, needed, cpu) is \
+        tta.gather_index(SIDE, SIDE, SIZE, needed, cpu)
+    on_meta = tta.gather_index(SIDE, SIDE, SIZE, needed, meta)
+    assert on_meta.device == meta and on_meta is tta.gather_index(SIDE, SIDE, SIZE, needed, meta)
+    assert tta.view_rows("hflip", needed, cpu) is tta.view_rows("hflip", needed, cpu)

@@ -3,15 +3,21 @@
 The cache is one memory-mapped `.npy` per image set and side: `N x side x side x C` uint8,
 decoded and resized once. Its name carries a hash of the paths and a hash of their sizes and
 modification times, so a changed image makes a new cache and the stale one is removed.
+
+Processes that need the same cache (the ranks of a torchrun, trainings of separate folds) share
+one build: the first takes a file lock next to the cache (`<cache>.lock`) and builds it, the
+others wait on the lock (not at a collective, which would time out) and then read it.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
 import cv2
 import numpy as np
@@ -20,6 +26,11 @@ from tqdm import tqdm
 
 from pipeline.core.artifacts import atomic_path, write_json
 from pipeline.core.errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: builds are not shared (each is still written atomically)
+    fcntl = None
 
 HIGH_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -106,15 +117,42 @@ def _remove_stale(path: Path, pattern: str) -> None:
             old.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def build_lock(path: Path) -> Iterator[None]:
+    """Holds an exclusive lock on `<path>.lock` (fcntl.flock: released by the kernel if the
+    holder dies), so one process at a time builds `path`. Where no lock file can be made or
+    locked, runs unlocked: the build's atomic rename still leaves one whole file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_name(path.name + ".lock"), "a")
+    except OSError:
+        lock = None
+    try:
+        if lock is not None and fcntl is not None:
+            with contextlib.suppress(OSError):  # e.g. a file system without locks
+                fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+    finally:
+        if lock is not None:
+            lock.close()  # releases the lock
+
+
 def image_cache(paths: list[str], side: int, channels: int, cache_dir: str | os.PathLike) -> np.ndarray:
     """N x side x side x channels uint8 array of the decoded, resized images (memory-mapped).
 
-    Built once per image set, side and channel count; reused by every fold, epoch and
-    experiment; rebuilt (and the stale file removed) when any image file changes.
+    Built once per image set, side and channel count (by one process: the others wait for
+    it, `build_lock`); reused by every fold, epoch and experiment; rebuilt (and the stale file
+    removed) when any image file changes.
     """
     path = cache_path(paths, side, channels, cache_dir)
-    if path.is_file():
-        return np.load(path, mmap_mode="r")
+    if not path.is_file():
+        with build_lock(path):
+            if not path.is_file():  # another process may have built it while this one waited
+                _build_cache(paths, side, channels, path)
+    return np.load(path, mmap_mode="r")
+
+
+def _build_cache(paths: list[str], side: int, channels: int, path: Path) -> None:
     with atomic_path(path) as tmp:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
                                         shape=(len(paths), side, side, channels))
@@ -129,8 +167,9 @@ def image_cache(paths: list[str], side: int, channels: int, cache_dir: str | os.
                 pass
         arr.flush()
         del arr
-    _remove_stale(path, f"{set_key(paths)}-*_{side}px_{channels}c.npy")
-    return np.load(path, mmap_mode="r")
+    stale = f"{set_key(paths)}-*_{side}px_{channels}c.npy"
+    _remove_stale(path, stale)
+    _remove_stale(path.with_name(path.name + ".lock"), stale + ".lock")
 
 
 def _problem(path: str) -> str | None:
@@ -142,15 +181,22 @@ def _problem(path: str) -> str | None:
 
 
 def undecodable(paths: list[str], cache_dir: str | os.PathLike) -> dict[str, str]:
-    """{path: reason} for the files that cannot be decoded; remembered per image-set state."""
+    """{path: reason} for the files that cannot be decoded; remembered per image-set state
+    (checked by one process: the others wait for it, `build_lock`)."""
     if not paths:
         return {}
     record = Path(cache_dir) / f"{set_key(paths)}-{state_key(paths)}_bad.json"
-    if record.is_file():
-        return json.loads(record.read_text())
+    if not record.is_file():
+        with build_lock(record):
+            if not record.is_file():
+                _check_decodable(paths, record)
+    return json.loads(record.read_text())
+
+
+def _check_decodable(paths: list[str], record: Path) -> None:
     with ThreadPoolExecutor(_workers()) as pool:
         problems = dict(zip(paths, pool.map(_problem, paths)))
-    bad = {p: msg for p, msg in problems.items() if msg is not None}
-    write_json(bad, record)
-    _remove_stale(record, f"{set_key(paths)}-*_bad.json")
-    return bad
+    write_json({p: msg for p, msg in problems.items() if msg is not None}, record)
+    stale = f"{set_key(paths)}-*_bad.json"
+    _remove_stale(record, stale)
+    _remove_stale(record.with_name(record.name + ".lock"), stale + ".lock")

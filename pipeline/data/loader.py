@@ -10,6 +10,7 @@ same batches whatever the number of workers.
 """
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 from dataclasses import dataclass
@@ -302,12 +303,19 @@ def channel_stats(spec: InputSpec, channels: int) -> tuple[tuple[float, ...], tu
     raise ValueError(f"cannot normalise {channels} channels with {len(spec.mean)} mean values")
 
 
+@functools.lru_cache(maxsize=16)
+def _scale_shift(mean: tuple[float, ...], std: tuple[float, ...],
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`normalize`'s 1 x C x 1 x 1 factors on `device`, made once (not copied every batch)."""
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=device).view(1, -1, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=device).view(1, -1, 1, 1)
+    return scale, shift
+
+
 def normalize(x: torch.Tensor, spec: InputSpec, channels_last: bool = False) -> torch.Tensor:
     """N x C x H x W in [0, 255] (uint8 or float) -> float32 (x / 255 - mean) / std, model stats,
     on `x`'s device."""
-    mean, std = channel_stats(spec, x.shape[1])
-    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=x.device).view(1, -1, 1, 1)
-    shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=x.device).view(1, -1, 1, 1)
+    scale, shift = _scale_shift(*channel_stats(spec, x.shape[1]), x.device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     out = torch.empty(x.shape, dtype=torch.float32, memory_format=fmt, device=x.device)
     return torch.addcmul(shift, x, scale, out=out)

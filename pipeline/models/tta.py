@@ -68,10 +68,19 @@ def merge(proba: torch.Tensor, how: str, simplex: bool = True) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=32)
-def gather_index(height: int, width: int, size: int, needed: tuple[View, ...]) -> torch.Tensor:
-    """Flat pixel index of every view, V*size*size long: the views applied to a plane of indices."""
+def gather_index(height: int, width: int, size: int, needed: tuple[View, ...],
+                 device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """Flat pixel index of every view, V*size*size long: the views applied to a plane of
+    indices; made once per shape, views and device (not copied to the device every batch)."""
     plane = torch.arange(height * width).view(1, 1, height, width)
-    return torch.cat([apply_view(plane, size, v).flatten() for v in needed])
+    return torch.cat([apply_view(plane, size, v).flatten() for v in needed]).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def view_rows(name: str, needed: tuple[View, ...], device: torch.device) -> torch.Tensor:
+    """Where view set `name`'s views are in `needed`, as an index on `device`, made once."""
+    index = {v: i for i, v in enumerate(needed)}
+    return torch.tensor([index[v] for v in VIEW_SETS[name]], device=device)
 
 
 def stack_views(x: torch.Tensor, size: int, needed: tuple[View, ...]) -> torch.Tensor:
@@ -81,7 +90,7 @@ def stack_views(x: torch.Tensor, size: int, needed: tuple[View, ...]) -> torch.T
     """
     n, c, h, w = x.shape
     pixels = x.permute(0, 2, 3, 1).reshape(n, h * w, c)
-    stacked = pixels.index_select(1, gather_index(h, w, size, needed).to(x.device))
+    stacked = pixels.index_select(1, gather_index(h, w, size, needed, x.device))
     return stacked.view(n * len(needed), size, size, c).permute(0, 3, 1, 2)
 
 
@@ -102,13 +111,12 @@ def predict_sets(model: torch.nn.Module, x: torch.Tensor, size: int, view_sets: 
     proba = F.softmax(logits.float(), dim=1) if task is None else task.activate(logits)
     proba = proba.view(x.shape[0], len(needed), -1).transpose(0, 1)
     simplex = task is None or task.simplex
-    index = {v: i for i, v in enumerate(needed)}
     out = {}
     for name in view_sets:
         if VIEW_SETS[name] == needed:
             out[name] = merge(proba, how, simplex)
         else:
-            rows = torch.tensor([index[v] for v in VIEW_SETS[name]], device=proba.device)
+            rows = view_rows(name, needed, proba.device)
             out[name] = merge(proba.index_select(0, rows), how, simplex)
     return out
 

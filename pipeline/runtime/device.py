@@ -8,13 +8,17 @@ byte-identical.
 
 Distributed: launched by `torchrun`, each process reads RANK / WORLD_SIZE / LOCAL_RANK from
 its environment, takes GPU LOCAL_RANK (or the CPU with the gloo backend), and joins one
-process group. Rank 0 writes every artifact; the others wait at `barrier()`.
+process group, whose collectives time out after PIPELINE_DIST_TIMEOUT_S seconds (default
+1800). Rank 0 writes every artifact; the others wait at `barrier()`. Long work that every rank
+needs (the image cache) is not waited for at a collective: a file lock serialises it
+(`data.images`), so no collective is pending for long.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Iterator
 
 import numpy as np
@@ -25,6 +29,7 @@ from pipeline.core.errors import UserError
 from pipeline.runtime import cpu
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+TIMEOUT_ENV, DEFAULT_TIMEOUT_S = "PIPELINE_DIST_TIMEOUT_S", 1800
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,19 @@ def world_from_env() -> World:
     """The torchrun world this process belongs to (one process when not launched by torchrun)."""
     env = os.environ
     return World(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+
+
+def dist_timeout() -> timedelta:
+    """How long a collective may wait for every rank: PIPELINE_DIST_TIMEOUT_S seconds, default
+    1800 (NCCL's own default, 10 minutes, is short for rank 0 writing a large checkpoint)."""
+    raw = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):
+        raise UserError(f"{TIMEOUT_ENV}={raw!r}: expected a positive number of seconds")
+    return timedelta(seconds=seconds)
 
 
 def resolve_device(spec: str, world: World = World()) -> torch.device:
@@ -183,14 +201,12 @@ class Runtime:
         if self.distributed:
             dist.barrier()
 
-    @contextlib.contextmanager
-    def primary_first(self) -> Iterator[None]:
-        """Rank 0 runs the block first (e.g. builds a cache), the others after it is done."""
-        if not self.world.primary:
-            self.barrier()
-        yield
-        if self.world.primary:
-            self.barrier()
+    def broadcast_buffers(self, module: torch.nn.Module) -> None:
+        """Rank 0's buffers (BatchNorm running statistics) copied to every rank, in place: each
+        rank's last forward pass updated its own from its shard (no-op with one process)."""
+        if self.distributed:
+            for buffer in module.buffers():
+                dist.broadcast(buffer, src=0)
 
     def gather_rows(self, part: np.ndarray) -> np.ndarray:
         """Every rank's rows, concatenated in rank order (each rank passes its own shard)."""
@@ -245,5 +261,5 @@ def runtime(device: str, precision: str = "auto", deterministic: bool = False) -
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
     if world.size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=dist_timeout())
     return Runtime(dev, resolve_precision(precision, dev), world)

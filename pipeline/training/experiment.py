@@ -154,19 +154,21 @@ def run_tag(cfg: ExperimentConfig, comp: Competition) -> str:
 
 def prepare(cfg: ExperimentConfig, rt: Runtime | None = None) -> Experiment:
     """The experiment's data, folds, input spec and image cache, on `rt` (default: the
-    config's device and precision). Under torchrun rank 0 builds the cache first."""
+    config's device and precision). Under torchrun every rank reads them; the first to need
+    the image cache or the decode check builds it while the others wait on its file lock
+    (`data.images.build_lock`, no collective that could time out), then all meet at a barrier."""
     rt = rt or device.runtime(cfg.device, cfg.train.precision, cfg.train.deterministic)
     rt.keep_freed_memory()
-    with rt.primary_first():
-        comp = load_competition_data(cfg)
-        path = layout.folds_file(cfg.name)
-        fold_df = read_folds(path)
-        lookup = dict(zip(fold_df["id"], fold_df["fold"]))
-        missing = [i for i in comp.train["id"] if i not in lookup]
-        if missing or len(lookup) != len(comp.train):
-            raise UserError(f"{path}: ids do not match the train table (e.g. {missing[:1]}); "
-                            f"rerun `make folds COMP={cfg.name}`")
-        folds = comp.train["id"].map(lookup).to_numpy(np.int64)
-        spec, side = experiment_input(cfg, comp.task.n_outputs)
-        images = image_cache(list(comp.train["path"]), side, cfg.data.channels, cfg.data.cache_dir)
+    comp = load_competition_data(cfg)
+    path = layout.folds_file(cfg.name)
+    fold_df = read_folds(path)
+    lookup = dict(zip(fold_df["id"], fold_df["fold"]))
+    missing = [i for i in comp.train["id"] if i not in lookup]
+    if missing or len(lookup) != len(comp.train):
+        raise UserError(f"{path}: ids do not match the train table (e.g. {missing[:1]}); "
+                        f"rerun `make folds COMP={cfg.name}`")
+    folds = comp.train["id"].map(lookup).to_numpy(np.int64)
+    spec, side = experiment_input(cfg, comp.task.n_outputs)
+    images = image_cache(list(comp.train["path"]), side, cfg.data.channels, cfg.data.cache_dir)
+    rt.barrier()
     return Experiment(cfg, comp, folds, images, side, spec, run_tag(cfg, comp), rt)

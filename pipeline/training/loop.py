@@ -249,6 +249,9 @@ def run_epoch(f: Fold, state: LoopState, loaders: EpochLoaders) -> dict:
                             f"fold {f.index} stage {state.stage} epoch {state.epoch + 1}/"
                             f"{stage.epochs}")
     train_seconds = time.perf_counter() - started
+    if f.ema is not None:  # the next epoch starts from rank 0's statistics on every rank
+        rt.broadcast_buffers(f.model)
+    rt.broadcast_buffers(f.weights)  # every rank evaluates what rank 0 saves
     y = f.exp.comp.y[f.val_rows]
     pred = f.exp.predict_plain(f.evaluated, f.val_rows)
     images = len(loader) * tc.batch_size * rt.world.size
