@@ -135,7 +135,17 @@ $(LITE0): | $(SETUP)
 
 weights: $(LITE0) ## convert the bundled ImageNet EfficientNet-Lite0 weights to timm format
 
-tune: $(SETUP) folds/$$(notdir $$(patsubst %/,%,$$(dir $$(EXP)))).csv ## optuna search over EXP's tune space -> <exp>-tuned.yaml (EXP=...)
+# make tune: refuse, in one line, a missing EXP (its default above serves preview) or a missing file.
+TUNABLE = $(sort $(patsubst %.tune.yaml,%.yaml,$(wildcard configs/*/*.tune.yaml)) $(filter-out %.tune.yaml,$(shell grep -l '^tune:' configs/*/*.yaml 2>/dev/null)))
+ifneq ($(filter tune,$(MAKECMDGOALS)),)
+ifeq ($(origin EXP),file)
+$(error EXP is not set: say which experiment to tune, e.g. make tune EXP=$(firstword $(TUNABLE) configs/<comp>/<exp>.yaml) (configs with a search space: $(or $(TUNABLE),none)))
+else ifeq ($(wildcard $(EXP)),)
+$(error EXP=$(EXP): no such file (configs with a search space: $(or $(TUNABLE),none)))
+endif
+endif
+
+tune: $(SETUP) folds/$$(notdir $$(patsubst %/,%,$$(dir $$(EXP)))).csv ## optuna search over EXP's tune space -> <exp>-tuned.yaml (EXP=configs/<comp>/<exp>.yaml, required)
 	$(PY) -m pipeline.tune $(EXP) $(OVERRIDES)
 
 preview: $(SETUP) ## PNG grid of original vs augmented samples (EXP=configs/<comp>/<exp>.yaml)

@@ -165,6 +165,33 @@ def test_prune_keeps_the_newest_past_versions_and_every_current_run(tiny, capsys
     assert list((comp / "a/history").iterdir()) == [] and (comp / "a/scores.json").is_file()
 
 
+def test_prune_keeps_past_versions_tuning_studies_unless_asked(tiny, capsys):
+    comp = Path("runs/tiny")
+    for i, name in enumerate(["v1", "v2"]):
+        fake_run(comp / f"a/history/{name}", 0.5)
+        (comp / f"a/history/{name}/tune/trial_0000").mkdir(parents=True)
+        (comp / f"a/history/{name}/tune/study.db").write_text("trials")
+        os.utime(comp / f"a/history/{name}", (1_700_000_000 + i, 1_700_000_000 + i))
+    fake_run(comp / "a", 0.6)
+    prune.main(["configs/tiny/competition.yaml", "--keep", "1"])
+    history_dir = comp / "a/history"
+    assert [p.name for p in (history_dir / "v1").iterdir()] == ["tune"]  # the study survives
+    assert (history_dir / "v1/tune/study.db").read_text() == "trials"
+    assert (history_dir / "v2/scores.json").is_file()
+    assert capsys.readouterr().err.startswith(
+        "pruned 1 past versions, kept 1 past tuning studies (history/<tag>/tune/; --studies "
+        "removes them); runs/tiny now holds ")
+    prune.main(["configs/tiny/competition.yaml", "--keep", "1"])  # a kept study is no version
+    assert (history_dir / "v2/scores.json").is_file()
+    assert capsys.readouterr().err.startswith("pruned 0 past versions, kept 1 past tuning")
+    prune.main(["configs/tiny/competition.yaml", "--keep", "0"])
+    assert sorted(p.name for p in history_dir.iterdir()) == ["v1", "v2"]
+    assert capsys.readouterr().err.startswith("pruned 1 past versions, kept 2 past tuning")
+    prune.main(["configs/tiny/competition.yaml", "--keep", "0", "--studies"])
+    assert list(history_dir.iterdir()) == [] and (comp / "a/scores.json").is_file()
+    assert capsys.readouterr().err.startswith("pruned 0 past versions; runs/tiny now holds ")
+
+
 def test_an_archive_cut_short_is_completed_on_the_next_start(tmp_path):
     run_dir = tmp_path / "exp"
     partial = run_dir / "history/.old.partial"

@@ -2,7 +2,8 @@
 
 `runs/<comp>/<exp>/` holds the current version; each finished past version moves to
 `runs/<comp>/<exp>/history/<tag>/` (tag: config hash - fold-file hash) when its experiment is
-rebuilt. Only `prune` (`make prune COMP=c KEEP=n`) removes past versions, never the current one.
+rebuilt. Only `prune` (`make prune COMP=c KEEP=n`) removes past versions, never the current one,
+and it keeps their tuning studies (tune/) unless asked.
 """
 from __future__ import annotations
 
@@ -87,14 +88,32 @@ def versions(run: layout.Run) -> list[layout.Run]:
     return [layout.Run(p) for p in sorted(past, key=lambda p: (p.stat().st_mtime_ns, p.name))]
 
 
-def prune(comp: str, keep: int) -> list[Path]:
-    """Remove all but the `keep` newest past versions of every run of competition `comp`;
-    returns the removed folders."""
-    removed = []
+def _study_only(run: layout.Run) -> bool:
+    """A pruned past version that kept its tuning study and nothing else."""
+    return [p.name for p in run.dir.iterdir()] == [run.tune.name]
+
+
+def prune(comp: str, keep: int, studies: bool = False) -> tuple[list[Path], list[Path]]:
+    """Remove all but the `keep` newest past versions of every run of competition `comp`,
+    except their tuning studies (`tune/`) unless `studies`; returns (the pruned version folders,
+    the studies kept in them). A version left with its study alone no longer counts as one."""
+    removed, kept = [], []
     runs = layout.competition_runs(comp)
     for folder in sorted(p for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []:
-        old = versions(layout.Run(folder))
-        for past in old[:max(0, len(old) - keep)]:
-            shutil.rmtree(past.dir)
-            removed.append(past.dir)
-    return removed
+        past = versions(layout.Run(folder))
+        old = [v for v in past if not _study_only(v)]
+        for version in old[:max(0, len(old) - keep)]:
+            removed.append(version.dir)
+            if studies or not version.tune.is_dir():
+                shutil.rmtree(version.dir)
+                continue
+            for entry in version.dir.iterdir():
+                if entry != version.tune:
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        for version in past:
+            if version.dir.is_dir() and _study_only(version):
+                if studies:
+                    shutil.rmtree(version.dir)
+                else:
+                    kept.append(version.tune)
+    return removed, kept

@@ -9,12 +9,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 from pipeline.core import metrics  # noqa: E402
 from pipeline.core.artifacts import atomic_path, write_text  # noqa: E402
 from pipeline.core.config import ExperimentConfig  # noqa: E402
+from pipeline.tuning.steps import fold_epoch  # noqa: E402
 
 TOP = 10
 
@@ -49,22 +51,25 @@ def plot_importances(study: optuna.Study, path: Path) -> bool:
     return True
 
 
-def plot_intermediate(study: optuna.Study, metric: str, folds: list[int], fold_step: int,
+def plot_intermediate(study: optuna.Study, metric: str, folds: list[int], per_fold: int,
                       path: Path) -> None:
-    """Each trial's validation score by epoch, one panel per tuning fold (reported steps are
-    position * fold_step + epoch): completed trials in blue, pruned ones in red."""
+    """Each trial's validation score by epoch, one panel per tuning fold (steps:
+    pipeline.tuning.steps, `per_fold` a fold): completed trials in blue, pruned ones in red."""
     fig, axes = plt.subplots(1, len(folds), figsize=(4 + 3 * len(folds), 4), sharey=True,
                              squeeze=False)
     for state, colour in ((TrialState.COMPLETE, "tab:blue"), (TrialState.PRUNED, "tab:red")):
         trials = study.get_trials(deepcopy=False, states=(state,))
         for i, t in enumerate(trials):
             for position, ax in enumerate(axes[0]):
-                steps = sorted(s for s in t.intermediate_values if s // fold_step == position)
-                ax.plot([s % fold_step for s in steps], [t.intermediate_values[s] for s in steps],
-                        color=colour, alpha=0.5, lw=1,
+                steps = sorted(s for s in t.intermediate_values
+                               if fold_epoch(s, per_fold)[0] == position)
+                ax.plot([fold_epoch(s, per_fold)[1] for s in steps],
+                        [t.intermediate_values[s] for s in steps],
+                        color=colour, alpha=0.5, lw=1, marker=".", ms=4,  # one epoch: a dot
                         label=f"{state.name.lower()} ({len(trials)})" if i == 0 else None)
     for fold, ax in zip(folds, axes[0]):
         ax.set(xlabel="epoch", title=f"fold {fold}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0][0].set_ylabel(f"validation {metric}")
     axes[0][0].legend(fontsize=8)
     fig.suptitle("intermediate values: pruned vs completed")
@@ -104,11 +109,15 @@ def render(study: optuna.Study, cfg: ExperimentConfig, summary: dict, cv: dict,
         f"## Best trial: {summary['best_trial']}, {metric} {summary['best_value']:.5f}", "",
         "| key | value |", "|---|---|",
         *[f"| `{k}` | {_fmt(v)} |" for k, v in summary["best_params"].items()], "",
-        f"Written as `{summary['tuned_config']}`.", "",
+        f"Outcome: {summary['verdict']}.", "",
         "## Scores", "",
         "| | " + metric + " | |", "|---|---|---|",
         f"| best tuning score | {summary['best_value']:.5f} | folds {summary['folds']}: "
         f"chosen on the rows it is measured on, so optimistic |",
+        "| base config, tuning score | "
+        + (f"{summary['base_value']:.5f} | trial {summary['base_trial']}: the experiment as "
+           f"written, on the same folds |" if summary["base_value"] is not None
+           else "none yet | the base trial has not completed |"),
         *[f"| {label} config, full CV | "
           + (f"{cv[label]:.5f} | `make all` on every fold |" if cv[label] is not None
              else "not trained yet | run `make all`, then `make tune` again to fill this in |")
@@ -116,7 +125,8 @@ def render(study: optuna.Study, cfg: ExperimentConfig, summary: dict, cv: dict,
         f"## Top {min(TOP, len(complete))} completed trials", "",
         "| trial | " + metric + " | epochs | " + " | ".join(f"`{k}`" for k in keys) + " |",
         "|---" * (3 + len(keys)) + "|",
-        *[f"| {t.number} | {t.value:.5f} | {t.user_attrs.get('epochs', '')} | "
+        *[f"| {t.number}{' (base)' if t.user_attrs.get('base') else ''} | {t.value:.5f} | "
+          f"{t.user_attrs.get('epochs', '')} | "
           + " | ".join(_fmt(t.params.get(k, "")) for k in keys) + " |" for t in complete[:TOP]],
         "", "![history](history.png)", "",
         "![importances](importances.png)" if importances
@@ -126,8 +136,9 @@ def render(study: optuna.Study, cfg: ExperimentConfig, summary: dict, cv: dict,
 
 
 def write_report(study: optuna.Study, cfg: ExperimentConfig, summary: dict, out: Path,
-                 cv: dict, fold_step: int) -> None:
+                 cv: dict, per_fold: int) -> None:
     plot_history(study, out / "history.png")
     importances = plot_importances(study, out / "importances.png")
-    plot_intermediate(study, metrics.name(cfg.metric), summary["folds"], fold_step, out / "intermediate.png")
+    plot_intermediate(study, metrics.name(cfg.metric), summary["folds"], per_fold,
+                      out / "intermediate.png")
     write_text(render(study, cfg, summary, cv, importances), out / "report.md")

@@ -16,7 +16,7 @@ from pipeline.core.artifacts import write_json, write_text
 from pipeline.core.config import ExperimentConfig, apply_overrides, experiment_overrides, read_yaml
 from pipeline.reports.tune import write_report
 from pipeline.tuning.space import set_value, split_path
-from pipeline.tuning.study import FOLD_STEP, storage_url, study_dir, tuning_folds
+from pipeline.tuning.study import storage_url, study_dir, tuning_folds
 
 
 def tuned_yaml(path: Path, data: dict, params: dict[str, Any], note: str,
@@ -38,30 +38,59 @@ def tuned_path(path: Path) -> Path:
     return path.with_name(f"{path.stem}-tuned.yaml")
 
 
+def base_score(study: optuna.Study) -> tuple[optuna.trial.FrozenTrial | None, bool]:
+    """(the completed trial of the experiment as written, or None; whether one is still queued
+    or running)."""
+    base = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("base")]
+    done = [t for t in base if t.state == TrialState.COMPLETE]
+    pending = any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in base)
+    return (done[-1] if done else None), pending
+
+
+def verdict(metric, best: optuna.trial.FrozenTrial, base: optuna.trial.FrozenTrial | None,
+            pending: bool, target: Path) -> tuple[bool, str]:
+    """(does the best trial beat the base config, one line saying so and what is written)."""
+    name = metrics.name(metric)
+    found = f"best {name} {best.value:.5f} (trial {best.number}"
+    if base is not None:
+        if best.number != base.number and metrics.better(metric, best.value, base.value):
+            return True, f"{found}; base config {base.value:.5f}) -> {target}"
+        return False, (f"no trial beat the base config ({name} {base.value:.5f}, trial "
+                       f"{base.number}): it stays best; {target} not written")
+    if pending:
+        return False, f"{found}); the base config has no score yet: {target} not written"
+    return True, f"{found}; the base config failed) -> {target}"
+
+
 def results(cfg: ExperimentConfig, path: Path, data: dict, study: optuna.Study,
             overrides: list[str] | None = None) -> dict | None:
-    """best.json, report.md and plots, and the tuned config; None when no trial completed."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not complete:
+    """best.json, report.md and plots, and the tuned config, written only when the best trial
+    beats the base config on the tuning folds; None when no trial completed."""
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         print("tune: no trial completed yet", file=sys.stderr)
         return None
-    best = study.best_trial
-    url, folds = storage_url(cfg), tuning_folds(cfg)
-    note = (f"Tuned by `make tune` from {path.name}: study {study.study_name!r} in {url},\n"
-            f"best trial {best.number}: {metrics.name(cfg.metric)} {best.value:.5f} on folds {folds} "
-            f"(optimistic: chosen on those folds).")
-    text = tuned_yaml(path, data, best.params, note, overrides)
-    target = tuned_path(path)
-    if not target.is_file() or target.read_text() != text:
-        write_text(text, target)
+    (base, pending), best = base_score(study), study.best_trial
+    url, folds, target = storage_url(cfg), tuning_folds(cfg), tuned_path(path)
+    beats, line = verdict(cfg.metric, best, base, pending, target)
+    if beats:
+        note = (f"Tuned by `make tune` from {path.name}: study {study.study_name!r} in {url},\n"
+                f"best trial {best.number}: {metrics.name(cfg.metric)} {best.value:.5f} on folds "
+                f"{folds} (optimistic: chosen on those folds)"
+                + (f"; the base config {base.value:.5f}." if base is not None else "."))
+        text = tuned_yaml(path, data, best.params, note, overrides)
+        if not target.is_file() or target.read_text() != text:
+            write_text(text, target)
     summary = dict(study=study.study_name, storage=url, metric=metrics.name(cfg.metric), folds=folds,
                    best_trial=best.number, best_value=best.value, best_params=best.params,
-                   tuned_config=str(target),
+                   base_trial=None if base is None else base.number,
+                   base_value=None if base is None else base.value,
+                   tuned_config=str(target) if beats else None, verdict=line,
                    trials={s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
                            for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL,
                                      TrialState.RUNNING)})
     write_json(summary, study_dir(cfg) / "best.json")
-    write_report(study, cfg, summary, study_dir(cfg), cv_scores(cfg, target), FOLD_STEP)
+    write_report(study, cfg, summary, study_dir(cfg), cv_scores(cfg, target),
+                 study.user_attrs["steps_per_fold"])
     return summary
 
 

@@ -17,6 +17,14 @@ SEGMENT = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)((?:\[\d+\])*)$")
 FIXED = {"tune", "name", "experiment"}  # what a trial may not change
 
 
+class SpaceError(UserError):
+    """A search-space key that cannot be tuned as given; `key` names it."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
 @dataclass(frozen=True)
 class Param:
     """One searched key: an int or float range, or categorical choices."""
@@ -102,23 +110,30 @@ def _try(base: dict, path: str, parts: list, role: str, value: Any) -> Experimen
 def parse_space(data: dict) -> list[Param]:
     """The search space of experiment `data` (config.experiment_data's keys, with a validated
     `tune` section): each key resolved against the config model and each bound or choice
-    validated in place, so an unknown path or a value outside the key's type stops here."""
+    validated in place, so an unknown path or a value outside the key's type stops here with
+    a SpaceError naming the key."""
     space = ExperimentConfig.model_validate(data).tune.space
     base = {k: v for k, v in data.items() if k != "tune"}
     params = []
     for path, spec in space.items():
-        parts = split_path(path)
-        if parts[0] in FIXED:
-            raise UserError(f"tune.space: {path}: {parts[0]} cannot be tuned")
-        if isinstance(spec, RangeSpec):
-            params.append(_range(base, path, parts, spec))
-        else:
-            if not spec or len(set(map(repr, spec))) != len(spec):
-                raise UserError(f"tune.space: {path}: give one or more distinct choices")
-            for choice in spec:
-                _try(base, path, parts, "choice", choice)
-            params.append(Param(path, "categorical", choices=tuple(spec)))
+        try:
+            params.append(_param(base, path, spec))
+        except UserError as err:
+            raise SpaceError(path, str(err)) from None
     return params
+
+
+def _param(base: dict, path: str, spec: RangeSpec | list) -> Param:
+    parts = split_path(path)
+    if parts[0] in FIXED:
+        raise UserError(f"tune.space: {path}: {parts[0]} cannot be tuned")
+    if isinstance(spec, RangeSpec):
+        return _range(base, path, parts, spec)
+    if not spec or len(set(map(repr, spec))) != len(spec):
+        raise UserError(f"tune.space: {path}: give one or more distinct choices")
+    for choice in spec:
+        _try(base, path, parts, "choice", choice)
+    return Param(path, "categorical", choices=tuple(spec))
 
 
 def _range(base: dict, path: str, parts: list, spec: RangeSpec) -> Param:
@@ -158,3 +173,38 @@ def with_values(data: dict, values: dict[str, Any]) -> dict:
     for path, value in values.items():
         out = set_value(out, split_path(path), value)
     return out
+
+
+def fits(p: Param, value: Any) -> bool:
+    """Could a trial draw `value` for `p`?"""
+    if p.type == "categorical":
+        return any(value == c and isinstance(value, bool) == isinstance(c, bool)
+                   for c in p.choices)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if not p.low <= value <= p.high:
+        return False
+    return p.step is None or abs((value - p.low) / p.step - round((value - p.low) / p.step)) < 1e-9
+
+
+def _sets(data: dict, parts: list[str | int]) -> bool:
+    """Does experiment `data` set the key at `parts` (rather than leave it to its default)?"""
+    node: Any = data
+    for part in parts:
+        if isinstance(part, int) and isinstance(node, list) and part < len(node):
+            node = node[part]
+        elif isinstance(part, str) and isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            return False
+    return True
+
+
+def base_values(data: dict, space: list[Param]) -> dict[str, Any]:
+    """The experiment's own value of every searched key it sets that a trial could draw: the
+    base trial's parameters. Other keys keep the experiment's values unsearched (a default set
+    explicitly can mean something else: an explicit `train.epochs` rescales the stages)."""
+    cfg = ExperimentConfig.model_validate({k: v for k, v in data.items() if k != "tune"})
+    own = {p.path: get_value(cfg, split_path(p.path)) for p in space
+           if _sets(data, split_path(p.path))}
+    return {p.path: own[p.path] for p in space if p.path in own and fits(p, own[p.path])}

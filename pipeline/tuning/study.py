@@ -1,13 +1,10 @@
 """An experiment's tuning study (`make tune`): its storage (SQLite in the run folder, another
-database, or a journal file), samplers seeded per trial, pruners, and the bookkeeping that lets
-several workers share it (dead workers' trials failed and queued again, the trial count)."""
+database, or a journal file), samplers seeded per trial, pruners, the trial count and the
+trial folders (pipeline.tuning.workers keeps several workers on it in step)."""
 from __future__ import annotations
 
-import os
 import shutil
-import socket
 import time
-import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -19,15 +16,9 @@ from optuna.trial import TrialState
 from pipeline.core import layout, metrics
 from pipeline.core.config import ExperimentConfig, config_hash
 from pipeline.core.errors import UserError
+from pipeline.tuning.steps import PerFold
 
-FOLD_STEP = 1000  # reported step = tuning-fold position * FOLD_STEP + epoch
-HEARTBEAT_S, GRACE_S = 30, 120  # a database trial without a heartbeat for GRACE_S has failed
-WORKER = f"{socket.gethostname()}:{os.getpid()}"
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
-
-
-class Surplus(Exception):
-    """This trial would exceed `trials`: other workers already run or finished enough."""
 
 
 def study_dir(cfg: ExperimentConfig) -> Path:
@@ -43,8 +34,7 @@ def storage_url(cfg: ExperimentConfig) -> str:
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """`journal:<file>`: optuna's journal file; anything else: a database URL, with heartbeats
-    so a killed worker's trial is failed and retried by the others."""
+    """`journal:<file>`: optuna's journal file; anything else: a database URL."""
     try:
         if url.startswith("journal:"):
             path = Path(url.removeprefix("journal:"))
@@ -64,20 +54,12 @@ def _rdb_storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
     again a moment later."""
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
 
-    def connect() -> optuna.storages.RDBStorage:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                    max_retry=None))
-
     for attempt in range(attempts - 1):
         try:
-            return connect()
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
         except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):
             time.sleep(1 + attempt)
-    return connect()
+    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
 
 
 class TrialSeeded(optuna.samplers.BaseSampler):
@@ -111,14 +93,20 @@ def make_sampler(sampler: str, seed: int) -> optuna.samplers.BaseSampler:
     return TrialSeeded(lambda s: optuna.samplers.TPESampler(seed=s, constant_liar=True), seed)
 
 
-def make_pruner(cfg: ExperimentConfig) -> optuna.pruners.BasePruner:
+def make_pruner(cfg: ExperimentConfig, per_fold: int) -> optuna.pruners.BasePruner:
+    """The pruner over steps of `per_fold` epochs a tuning fold (pipeline.tuning.steps),
+    judging each fold alone after its first `min_epochs` epochs; Hyperband's resource runs
+    from `min_epochs` to every tuning fold's epochs."""
     tc = cfg.tune
     if tc.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=tc.startup_trials,
-                                           n_warmup_steps=tc.min_epochs - 1)
-    if tc.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=tc.min_epochs)
-    return optuna.pruners.NopPruner()
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=tc.startup_trials)
+    elif tc.pruner == "hyperband":
+        pruner = optuna.pruners.HyperbandPruner(
+            min_resource=tc.min_epochs,
+            max_resource=max(tc.min_epochs, len(tuning_folds(cfg)) * per_fold))
+    else:
+        return optuna.pruners.NopPruner()
+    return PerFold(pruner, per_fold, tc.min_epochs)
 
 
 def tuning_folds(cfg: ExperimentConfig) -> list[int]:
@@ -129,16 +117,16 @@ def tuning_folds(cfg: ExperimentConfig) -> list[int]:
     return folds
 
 
-def open_study(cfg: ExperimentConfig) -> optuna.Study:
-    """The study `<comp>-<exp>` in the storage; refused when its trials searched another space,
-    metric, folds or base config."""
+def open_study(cfg: ExperimentConfig, per_fold: int) -> optuna.Study:
+    """The study `<comp>-<exp>` in the storage, its steps `per_fold` epochs a tuning fold;
+    refused when its trials searched another space, metric, folds, steps or base config."""
     url = storage_url(cfg)
     setup = dict(metric=metrics.name(cfg.metric), folds=tuning_folds(cfg), tag=config_hash(cfg),
-                 space=cfg.tune.model_dump(mode="json")["space"])
+                 space=cfg.tune.model_dump(mode="json")["space"], steps_per_fold=per_fold)
     study = optuna.create_study(storage=open_storage(url), study_name=study_name(cfg),
                                 direction=metrics.direction(cfg.metric), load_if_exists=True,
                                 sampler=make_sampler(cfg.tune.sampler, cfg.seed),
-                                pruner=make_pruner(cfg))
+                                pruner=make_pruner(cfg, per_fold))
     found = {k: study.user_attrs.get(k) for k in setup}
     if study.trials and found != setup:
         changed = ", ".join(k for k in setup if found[k] != setup[k])
@@ -147,33 +135,6 @@ def open_study(cfg: ExperimentConfig) -> optuna.Study:
     for key, value in setup.items():
         study.set_user_attr(key, value)
     return study
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        pass
-    return True
-
-
-def fail_dead_workers(study: optuna.Study) -> list[int]:
-    """Mark failed the running trials of workers on this host that no longer exist, and queue
-    their parameters again; returns their numbers. A trial another worker failed meanwhile is
-    left to that worker."""
-    failed = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        host, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
-        if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
-            try:
-                study.tell(t.number, state=TrialState.FAIL)
-            except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
-                continue
-            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
-            failed.append(t.number)
-    return failed
 
 
 def counted(study: optuna.Study, below: int | None = None) -> int:
