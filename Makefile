@@ -135,7 +135,7 @@ $(LITE0): | $(SETUP)
 
 weights: $(LITE0) ## convert the bundled ImageNet EfficientNet-Lite0 weights to timm format
 
-# make tune: refuse, in one line, a missing EXP (its default above serves preview) or a missing file.
+# make tune: refuse, in one line, a missing EXP or a missing file.
 TUNABLE = $(sort $(patsubst %.tune.yaml,%.yaml,$(wildcard configs/*/*.tune.yaml)) $(filter-out %.tune.yaml,$(shell grep -l '^tune:' configs/*/*.yaml 2>/dev/null)))
 ifneq ($(filter tune,$(MAKECMDGOALS)),)
 ifeq ($(origin EXP),file)

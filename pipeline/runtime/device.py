@@ -19,7 +19,6 @@ import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterator
 
 import numpy as np
 import torch
