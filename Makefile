@@ -126,9 +126,9 @@ infer: $(SETUP) ## submission from a package alone (PACKAGE=, TEST_IMAGES=, SAMP
 leaderboard: | $(SETUP) ## every experiment and past version of COMP, sorted by CV
 	$(PY) -m pipeline.leaderboard $(CONF)/competition.yaml $(SET)
 
-prune: | $(SETUP) ## keep only the KEEP newest past versions of each experiment of COMP
+prune: | $(SETUP) ## keep only the KEEP newest past versions of each experiment of COMP (their tuning studies too unless PRUNE_STUDIES=1)
 	@test -n "$(KEEP)" || { echo "KEEP is not set: e.g. make prune COMP=$(COMP) KEEP=3 (0 keeps only the current runs)"; exit 2; }
-	$(PY) -m pipeline.prune $(CONF)/competition.yaml --keep $(KEEP)
+	$(PY) -m pipeline.prune $(CONF)/competition.yaml --keep $(KEEP) $(if $(PRUNE_STUDIES),--studies)
 
 $(LITE0): | $(SETUP)
 	$(PY) -m pipeline.imagenet $@

@@ -146,3 +146,23 @@ def test_a_cv_that_does_not_beat_the_trivial_baseline_is_warned_about(tiny, caps
     scores = train_experiment(load_experiment("configs/tiny/exp.yaml"))
     assert scores["cv"] <= scores["baseline_cv"]
     assert "does not beat the trivial baseline's" in capsys.readouterr().err
+
+
+def test_sync_bn_under_torchrun_on_the_cpu_is_a_one_line_error(tiny):
+    """SyncBatchNorm has no CPU kernels: say so before the first step, not in a traceback."""
+    import dataclasses
+
+    from pipeline.runtime.device import Runtime, World
+    s = setup(tiny, train={"epochs": 1, "batch_size": 4, "sync_bn": True})
+    two = dataclasses.replace(s, rt=Runtime(torch.device("cpu"), "fp32", World(0, 2, 0)))
+    with pytest.raises(UserError, match="train.sync_bn: SyncBatchNorm runs on GPUs only"):
+        loop.init_model(two, 0)
+
+
+def test_non_finite_validation_predictions_stop_with_one_line(tiny, monkeypatch):
+    s = setup(tiny, train={"epochs": 2, "batch_size": 4})
+    monkeypatch.setattr(type(s), "predict_plain",
+                        lambda self, model, rows: np.full((len(rows), 3), np.nan))
+    with pytest.raises(UserError, match="fold 0 stage 0 epoch 1: the validation predictions are "
+                                        "not finite: training diverged"):
+        loop.train_fold(s, 0, tiny / "fold0")

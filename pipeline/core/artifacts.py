@@ -10,6 +10,11 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no inter-process locks (file_lock runs unlocked)
+    fcntl = None
+
 import numpy as np
 import pandas as pd
 
@@ -42,6 +47,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Holds an exclusive lock on `<path>.lock` (fcntl.flock: released by the kernel if the
+    holder dies), so one process at a time builds or updates `path`. Where no lock file can be
+    made or locked (not POSIX, a file system without locks), runs unlocked: writes are atomic
+    renames, so the result is still one whole file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_name(path.name + ".lock"), "a")
+    except OSError:
+        lock = None
+    try:
+        if lock is not None and fcntl is not None:
+            with contextlib.suppress(OSError):  # e.g. a file system without locks
+                fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+    finally:
+        if lock is not None:
+            lock.close()  # releases the lock
 
 
 CSV_FLOAT = "%.8g"

@@ -10,27 +10,20 @@ others wait on the lock (not at a collective, which would time out) and then rea
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
 import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from pipeline.core.artifacts import atomic_path, write_json
+from pipeline.core.artifacts import atomic_path, file_lock, write_json
 from pipeline.core.errors import UserError
-
-try:
-    import fcntl
-except ImportError:  # not POSIX: builds are not shared (each is still written atomically)
-    fcntl = None
 
 HIGH_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -117,36 +110,16 @@ def _remove_stale(path: Path, pattern: str) -> None:
             old.unlink(missing_ok=True)
 
 
-@contextlib.contextmanager
-def build_lock(path: Path) -> Iterator[None]:
-    """Holds an exclusive lock on `<path>.lock` (fcntl.flock: released by the kernel if the
-    holder dies), so one process at a time builds `path`. Where no lock file can be made or
-    locked, runs unlocked: the build's atomic rename still leaves one whole file."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(path.with_name(path.name + ".lock"), "a")
-    except OSError:
-        lock = None
-    try:
-        if lock is not None and fcntl is not None:
-            with contextlib.suppress(OSError):  # e.g. a file system without locks
-                fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-    finally:
-        if lock is not None:
-            lock.close()  # releases the lock
-
-
 def image_cache(paths: list[str], side: int, channels: int, cache_dir: str | os.PathLike) -> np.ndarray:
     """N x side x side x channels uint8 array of the decoded, resized images (memory-mapped).
 
     Built once per image set, side and channel count (by one process: the others wait for
-    it, `build_lock`); reused by every fold, epoch and experiment; rebuilt (and the stale file
+    it, `file_lock`); reused by every fold, epoch and experiment; rebuilt (and the stale file
     removed) when any image file changes.
     """
     path = cache_path(paths, side, channels, cache_dir)
     if not path.is_file():
-        with build_lock(path):
+        with file_lock(path):
             if not path.is_file():  # another process may have built it while this one waited
                 _build_cache(paths, side, channels, path)
     return np.load(path, mmap_mode="r")
@@ -182,12 +155,12 @@ def _problem(path: str) -> str | None:
 
 def undecodable(paths: list[str], cache_dir: str | os.PathLike) -> dict[str, str]:
     """{path: reason} for the files that cannot be decoded; remembered per image-set state
-    (checked by one process: the others wait for it, `build_lock`)."""
+    (checked by one process: the others wait for it, `file_lock`)."""
     if not paths:
         return {}
     record = Path(cache_dir) / f"{set_key(paths)}-{state_key(paths)}_bad.json"
     if not record.is_file():
-        with build_lock(record):
+        with file_lock(record):
             if not record.is_file():
                 _check_decodable(paths, record)
     return json.loads(record.read_text())

@@ -122,6 +122,8 @@ def init_model(exp: Experiment, fold: int) -> torch.nn.Module:
     model = create_model(exp.cfg.model, exp.comp.task.n_outputs, exp.cfg.data.channels)
     model = model.to(exp.rt.device)
     if exp.cfg.train.sync_bn and exp.rt.distributed:
+        if not exp.rt.cuda:
+            raise UserError("train.sync_bn: SyncBatchNorm runs on GPUs only; set it false on CPU")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return to_memory_format(model, exp.cfg.train.channels_last)
 
@@ -254,6 +256,10 @@ def run_epoch(f: Fold, state: LoopState, loaders: EpochLoaders) -> dict:
     rt.broadcast_buffers(f.weights)  # every rank evaluates what rank 0 saves
     y = f.exp.comp.y[f.val_rows]
     pred = f.exp.predict_plain(f.evaluated, f.val_rows)
+    if not np.isfinite(pred).all():
+        raise UserError(f"fold {f.index} stage {state.stage} epoch {state.epoch + 1}: the "
+                        f"validation predictions are not finite: training diverged; lower "
+                        f"train.lr, or set train.precision=fp32")
     images = len(loader) * tc.batch_size * rt.world.size
     return dict(epoch=f.epoch_index(state), stage=state.stage, stage_epoch=state.epoch,
                 trainable_groups=stage.trainable, train_loss=loss,

@@ -11,7 +11,6 @@ trial fails as soon as its process is gone. Hosts' clocks must agree to well wit
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import socket
 import threading
@@ -23,26 +22,18 @@ import optuna
 import sqlalchemy.exc
 from optuna.trial import FrozenTrial, TrialState
 
+from pipeline.core.artifacts import file_lock
 from pipeline.core.config import ExperimentConfig
 from pipeline.tuning.study import study_dir, tidy, trial_dir
 
 HOST = socket.gethostname()
 WORKER = f"{HOST}:{os.getpid()}"
 HEARTBEAT_S, GRACE_S = 30, 120  # a running trial without a heartbeat for GRACE_S has failed
-LOCK = ".workers.lock"  # in the study folder
 
 
-@contextmanager
-def study_lock(cfg: ExperimentConfig) -> Iterator[None]:
-    """Hold the workers' file lock of the study folder (a few storage calls at a time)."""
-    folder = study_dir(cfg)
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def study_lock(cfg: ExperimentConfig):
+    """The workers' file lock of the study folder (held for a few storage calls at a time)."""
+    return file_lock(study_dir(cfg) / "workers")
 
 
 def fresh(study: optuna.Study, number: int) -> FrozenTrial:
