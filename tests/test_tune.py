@@ -467,7 +467,7 @@ def test_a_journal_trial_whose_heartbeat_stops_is_failed_and_retried_from_anothe
 def test_make_tune_refuses_a_missing_exp_before_anything_runs(tiny):
     write_yaml(tiny / "configs/tiny/exp.yaml",
                {**EXPERIMENT, "tune": {"space": {"train.lr": [0.1]}}})
-    make = ["make", "-n", "-f", str(ROOT / "Makefile"), "tune", "STAMP="]
+    make = ["make", "--no-print-directory", "-n", "-f", str(ROOT / "Makefile"), "tune", "STAMP="]
     out = subprocess.run(make, cwd=tiny, capture_output=True, text=True)
     assert out.returncode != 0 and out.stdout == ""
     assert out.stderr.splitlines()[-1].endswith(
