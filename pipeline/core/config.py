@@ -211,14 +211,15 @@ class ExperimentConfig(CompetitionConfig):
 
 
 class EnsembleConfig(CompetitionConfig):
-    """`mode: tune` searches the blend mode as an optuna categorical; `trials` is per study
-    (nested CV tunes one more study per fold); `storage`: an optuna database URL holding a
-    persistent study that several workers may share (default: a fresh study each run)."""
+    """`mode: tune` searches the blend mode as an optuna categorical; `mode: stack` fits the
+    task's meta-model on the members' OOF instead (pipeline.blending.stack); `trials` is per
+    study (nested CV tunes one more study per fold); `storage`: an optuna database URL holding
+    a persistent study that several workers may share (default: a fresh study each run)."""
 
     experiment: str = "ensemble"
     experiments: list[str] = Field(min_length=1)
     trials: int = Field(200, ge=1)
-    mode: Literal["mean", "geometric", "rank", "tune"] = "mean"
+    mode: Literal["mean", "geometric", "rank", "tune", "stack"] = "mean"
     nested_cv: bool = True
     fallback_to_equal: bool = True
     storage: str | None = None
@@ -287,7 +288,7 @@ def _check_task(cfg: CompetitionConfig, source: Path) -> None:
         raise UserError(f"{source}: tta.merge: {merge} needs probabilities; task {cfg.task} "
                         f"predicts {task.predicts} (use {' or '.join(task.tta_merges)})")
     mode = getattr(cfg, "mode", "mean")
-    if mode != "tune" and mode not in task.blend_modes:
+    if mode not in ("tune", "stack") and mode not in task.blend_modes:
         raise UserError(f"{source}: mode: {mode} needs probabilities; task {cfg.task} "
                         f"predicts {task.predicts} (use {' or '.join(task.blend_modes)})")
 
