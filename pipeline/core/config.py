@@ -17,7 +17,7 @@ from pipeline.core.artifacts import text_hash
 from pipeline.core.errors import UserError
 
 TaskKind = Literal[tasks.KINDS]
-ViewSet = Literal["none", "hflip", "five_crop", "ten_crop", "dihedral8"]
+ViewSet = Literal["none", "hflip", "five_crop", "ten_crop", "dihedral8", "multiscale"]
 
 
 class Strict(BaseModel):
@@ -165,8 +165,8 @@ class AugmentConfig(Strict):
 
 class TTAConfig(Strict):
     views: Union[ViewSet, Literal["auto"]] = "none"
-    candidates: list[ViewSet] = Field(["none", "hflip", "five_crop", "ten_crop", "dihedral8"],
-                                      min_length=1)
+    candidates: list[ViewSet] = Field(["none", "hflip", "five_crop", "ten_crop", "dihedral8",
+                                       "multiscale"], min_length=1)
     merge: Literal["mean", "geometric"] = "mean"
     max_batch: int | None = Field(None, ge=1)  # views per forward pass; None: train.eval_batch_size
 
