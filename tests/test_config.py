@@ -32,6 +32,7 @@ def test_experiment_overrides_competition_keys(tiny):
     (["train.epochs=0"], "train.epochs: Input should be greater than or equal to 1"),
     (["augment.preset=extreme"], "augment.preset: "),
     (["model.backbone=[1, 2]"], "model.backbone: "),
+    (["model.drop_path_rate=1"], "model.drop_path_rate: Input should be less than 1"),
     (["epochs"], "override 'epochs': expected key=value"),
 ])
 def test_bad_values_name_the_key(tiny, override, message):

@@ -104,6 +104,7 @@ class ModelConfig(Strict):
     backbone: str
     pretrained: Union[bool, str] = False
     drop_rate: float = Field(0.0, ge=0, lt=1)
+    drop_path_rate: float = Field(0.0, ge=0, lt=1)  # stochastic depth (timm's DropPath)
     crop_pct: float | None = Field(None, gt=0, le=1)
 
 
