@@ -40,6 +40,9 @@ class DataConfig(Strict):
     channels: Literal[1, 3] = 3
     on_bad_image: Literal["error", "skip"] = "error"
     cache_dir: str = "cache"
+    # train ids dropped before folds: a list, or a CSV with an `id` column (e.g. a run's
+    # label_noise.csv), relative to the competition config's folder
+    exclude: Union[list[Union[str, int]], str, None] = None
 
     def path(self, name: str) -> Path:
         return Path(self.root) / getattr(self, name)
@@ -330,9 +333,20 @@ def experiment_overrides(overrides: list[str] | None) -> list[str]:
     return _own_overrides(ExperimentConfig, overrides)
 
 
+def _anchor_exclude(data: dict, folder: Path) -> dict:
+    """`data.exclude` naming a file relative to the competition config's `folder`, as a path
+    from the working folder."""
+    section = data.get("data")
+    exclude = section.get("exclude") if isinstance(section, dict) else None
+    if isinstance(exclude, str) and not Path(exclude).is_absolute():
+        section["exclude"] = str(folder / exclude)
+    return data
+
+
 def _resolve(path: str | Path, overrides: list[str] | None,
              own: dict | None = None) -> tuple[dict, Path]:
-    """The file's keys (or `own`, read from it) merged over its competition file's, overridden."""
+    """The file's keys (or `own`, read from it) merged over its competition file's, overridden
+    (a `data.exclude` file is relative to the competition file's folder)."""
     path = Path(path)
     own = read_yaml(path) if own is None else own
     comp_name = own.pop("competition", None)
@@ -348,7 +362,7 @@ def _resolve(path: str | Path, overrides: list[str] | None,
                             f"{comp_path.parent}; remove `name` (it is the folder's name)")
     merged = deep_merge(base, own)
     merged["name"] = folder
-    return apply_overrides(merged, overrides or []), path
+    return _anchor_exclude(apply_overrides(merged, overrides or []), comp_path.parent), path
 
 
 def load_competition(path: str | Path, overrides: list[str] | None = None) -> CompetitionConfig:
