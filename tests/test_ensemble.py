@@ -128,6 +128,7 @@ def test_a_stack_is_written_with_its_meta_model_and_applied_to_the_test_rows(tin
                                   as_written(stack.predict(meta, members, TASK)))
     report = first["report.md"].decode()
     assert "a stacked multinomial meta-model, strength" in report and "mode `stack`" in report
+    assert "history.png" not in report and not (tiny / "runs/tiny/ensemble/history.png").exists()
     ensemble.main(["configs/tiny/ensemble.yaml"])
     assert outputs(tiny) == first
 

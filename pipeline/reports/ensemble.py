@@ -138,13 +138,14 @@ def render_report(result: dict, cfg: EnsembleConfig) -> str:
         "procedure; the nested figure runs it without each fold and scores that fold.", "",
         "## Choices", "", *choices_table(result), "",
         *per_column_lines(result),
-        f"Study: `{storage}`, name `{cfg.name}-{cfg.experiment}`.", "",
-        "![optimisation history](history.png)", "",
+        *([f"Study: `{storage}`, name `{cfg.name}-{cfg.experiment}`.", "",
+           "![optimisation history](history.png)", ""] if result["trials"] else []),
         "![per-fold scores](folds.png)", ""])
 
 
 def write(study: optuna.Study, result: dict, cfg: EnsembleConfig, run: layout.Run) -> None:
-    """report.md with history.png (the optimisation history) and folds.png (per-fold scores)."""
+    """report.md with history.png (the optimisation history, when the weights were searched)
+    and folds.png (per-fold scores)."""
     metric = metrics.name(cfg.metric)
     if study.trials:
         plot_history(study, metric, run.file("history.png"))
