@@ -117,12 +117,13 @@ def test_a_stack_is_written_with_its_meta_model_and_applied_to_the_test_rows(tin
     meta = stack.from_json(saved["stack"])
     assert saved["mode"] == "stack" and saved["weights_choice"] == "stacked"
     assert meta.model == "multinomial" and meta.coef.shape == (1, 3, 2, 3)
-    assert meta.strength in stack.STRENGTHS and set(saved["stack_cv"]) == {"100", "10", "1", "0.1", "0.01"}
+    assert meta.strength in stack.STRENGTHS
+    assert set(saved["stack_cv"]) == {"100", "10", "1", "0.1", "0.01"}
     assert sum(saved["weights"].values()) == pytest.approx(1.0)
     for fold in saved["nested_cv"]["folds"].values():
         assert set(fold["stack"]) == {"model", "strength"}  # coefficients only of the submitted one
-    members = np.stack([pd.read_csv(f"runs/tiny/{e}/test.csv").set_index("id").loc[TEST_IDS, CLASSES]
-                        .to_numpy() for e in ("good", "weak")])
+    members = np.stack([pd.read_csv(f"runs/tiny/{e}/test.csv").set_index("id")
+                        .loc[TEST_IDS, CLASSES].to_numpy() for e in ("good", "weak")])
     test = pd.read_csv(tiny / "runs/tiny/ensemble/test.csv")
     np.testing.assert_array_equal(test[CLASSES].to_numpy(),
                                   as_written(stack.predict(meta, members, TASK)))

@@ -151,6 +151,7 @@ def test_drop_path_rate_gives_a_timm_model_droppath_layers_and_a_new_run_tag(tin
                                             f"stochastic depth"):
             models.create_model(ModelConfig(backbone=backbone, drop_path_rate=0.1), 3)
     folds.main(["configs/tiny/competition.yaml"])
-    tags = [run_tag(cfg, load_competition_data(cfg)) for cfg in
-            (load_experiment("configs/tiny/lenet5.yaml", o) for o in ([], ["model.drop_path_rate=0.1"]))]
+    configs = [load_experiment("configs/tiny/lenet5.yaml", o)
+               for o in ([], ["model.drop_path_rate=0.1"])]
+    tags = [run_tag(cfg, load_competition_data(cfg)) for cfg in configs]
     assert tags[0] != tags[1] and tags[0].split("-")[1:] == tags[1].split("-")[1:]

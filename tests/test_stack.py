@@ -153,7 +153,8 @@ def _values(n=300, seed=0):
     y = rng.uniform(0, 100, n)
     a = y + rng.normal(0, 15, n)
     b = 0.5 * y + 30 + rng.normal(0, 3, n)
-    return Rows(np.stack([a, b])[..., None], y, np.arange(n) % 3, tasks.Regression(("v",), 0.0, 100.0))
+    return Rows(np.stack([a, b])[..., None], y, np.arange(n) % 3,
+                tasks.Regression(("v",), 0.0, 100.0))
 
 
 @pytest.mark.parametrize("make, metric, model", [(_labels, "log_loss", "logistic"),

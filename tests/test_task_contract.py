@@ -159,4 +159,5 @@ def test_label_noise_lists_rows_most_confident_first_or_does_not_apply(case):
         return
     assert list(noise.columns) == ["row", "predicted", "confidence"] and len(noise)
     assert (noise["confidence"] >= 0.5).all() and noise["confidence"].is_monotonic_decreasing
-    assert noise["row"].between(0, N - 1).all() and all(isinstance(p, str) for p in noise["predicted"])
+    assert noise["row"].between(0, N - 1).all()
+    assert all(isinstance(p, str) for p in noise["predicted"])

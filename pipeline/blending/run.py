@@ -1,6 +1,7 @@
 """The ensemble and submit stages' work: load the members, tune and choose the blend (or the
-stack), write the blended test predictions, weights.json, the study and the report (`make ensemble`); then
-the submission in sample_submission's format at the chosen decisions (`make submit`)."""
+stack), write the blended test predictions, weights.json, the study and the report
+(`make ensemble`); then the submission in sample_submission's format at the chosen decisions
+(`make submit`)."""
 from __future__ import annotations
 
 import json

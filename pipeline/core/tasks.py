@@ -6,7 +6,8 @@ and blends average, how predictions read (`predicts`: classes, labels or values)
 hard decisions, which thresholds a metric needs, which metrics, submission formats, blend
 modes and TTA merges fit, how a stack's meta-model reads the members' predictions (its
 features and which meta-model), which rows confidently contradict their label, how folds
-stratify it, what the per-column report shows, the trivial baseline. Its parameters are typed fields, and a task round-trips through JSON.
+stratify it, what the per-column report shows, the trivial baseline. Its parameters are typed
+fields, and a task round-trips through JSON.
 
 Two levels: the competition's task (`build`, from the whole train table) holds what defines
 the label space (classes, labels, grades, the target's range for grade metrics); a fold's task

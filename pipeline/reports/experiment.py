@@ -255,7 +255,7 @@ def noise_section(noise: pd.DataFrame | None, predicts: str, oof: OOF, run_dir: 
                         ""]
     lines += [f"{len(noise)} train rows whose OOF prediction contradicts their label with "
               f"confidence >= {NOISE_LEVEL} (label_noise.csv: id, label, predicted, confidence; "
-              f"`data.exclude: label_noise.csv` drops them before folds once checked).", ""]
+              f"once checked, `data.exclude` naming it drops them before folds).", ""]
     if len(noise):
         shown = noise.head(gallery)
         plot_gallery(oof.images[shown["row"].to_numpy()],
