@@ -185,3 +185,34 @@ def test_a_two_class_label_sample_gets_the_positive_probability_under_auc(tmp_pa
     write_yaml(tmp_path / "configs/tiny/competition.yaml", {**COMPETITION, "metric": metric})
     comp = load_competition_data(load_competition("configs/tiny/competition.yaml"))
     assert comp.submission.format == expected and comp.classes == ("0", "1")
+
+
+def test_data_exclude_drops_listed_ids_or_a_csvs_before_folds(tiny, capsys):
+    from pipeline import folds
+    comp = load(["data.exclude=[tr0001, tr1002]"])
+    assert len(comp.train) == len(comp.y) == 22 and not {"tr0001", "tr1002"} & set(comp.train["id"])
+    assert comp.classes == ("class_0", "class_1", "class_2")
+    assert capsys.readouterr().err.strip() == \
+        "data.exclude: dropped 2 of 24 train rows (data.exclude)"
+    pd.DataFrame({"id": ["tr2005", "tr2005"], "label": "class_2", "predicted": "class_0",
+                  "confidence": 0.95}).to_csv(tiny / "configs/tiny/noise.csv", index=False)
+    comp = load(["data.exclude=noise.csv"])  # relative to the competition config's folder
+    assert len(comp.train) == 23 and "tr2005" not in set(comp.train["id"])
+    assert "dropped 1 of 24 train rows (configs/tiny/noise.csv (data.exclude))" in \
+        capsys.readouterr().err
+    folds.main(["configs/tiny/competition.yaml", "data.exclude=noise.csv"])
+    written = pd.read_csv(tiny / "folds/tiny.csv", dtype=str)
+    assert len(written) == 23 and "tr2005" not in set(written["id"])
+
+
+def test_data_exclude_refuses_an_id_the_train_table_lacks_in_one_line(tiny, capsys):
+    from pipeline import folds
+    with pytest.raises(SystemExit) as exit_info:
+        folds.main(["configs/tiny/competition.yaml", "data.exclude=[tr0001, nope]"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and err == [
+        "error: data.exclude: id 'nope' is not in the train table data/tiny/train.csv"]
+    pd.DataFrame({"image_id": ["tr0001"]}).to_csv(tiny / "configs/tiny/noise.csv", index=False)
+    with pytest.raises(UserError, match=r"configs/tiny/noise.csv: no column 'id' \(set by "
+                                        r"data.exclude\)"):
+        load(["data.exclude=noise.csv"])

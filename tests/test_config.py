@@ -32,6 +32,7 @@ def test_experiment_overrides_competition_keys(tiny):
     (["train.epochs=0"], "train.epochs: Input should be greater than or equal to 1"),
     (["augment.preset=extreme"], "augment.preset: "),
     (["model.backbone=[1, 2]"], "model.backbone: "),
+    (["model.drop_path_rate=1"], "model.drop_path_rate: Input should be less than 1"),
     (["epochs"], "override 'epochs': expected key=value"),
 ])
 def test_bad_values_name_the_key(tiny, override, message):
@@ -110,3 +111,12 @@ def test_a_copied_config_folder_must_not_keep_the_old_name(tiny, capsys):
                                                     "model": {"backbone": "lenet5"}})
     cfg = load_experiment("configs/tiny2/lenet5.yaml")
     assert cfg.name == "tiny2" and str(layout.Run.of(cfg.name, cfg.experiment).dir) == "runs/tiny2/lenet5"
+
+
+def test_mode_stack_fits_every_task_while_geometric_needs_probabilities(tiny):
+    path = write_yaml(tiny / "configs/tiny/ensemble.yaml",
+                      {"competition": "competition.yaml", "experiments": ["lenet5"],
+                       "mode": "stack", "task": "regression", "metric": "rmse"})
+    assert load_ensemble(path).mode == "stack"
+    with pytest.raises(UserError, match="mode: geometric needs probabilities"):
+        load_ensemble(path, ["mode=geometric"])

@@ -9,10 +9,11 @@ import pytest
 
 from conftest import write_yaml
 from pipeline import ensemble
-from pipeline.blending import blend
+from pipeline.blending import blend, stack
 from pipeline.blending.choose import Rows, choose, nested
 from pipeline.blending.run import run_ensemble
 from pipeline.core import metrics, tasks
+from pipeline.core.artifacts import as_written
 from pipeline.core.config import load_ensemble
 from pipeline.core.errors import UserError
 
@@ -21,6 +22,7 @@ TRAIN_IDS = [f"tr{c}{j:03d}" for c in range(3) for j in range(8)]  # conftest's 
 Y = np.repeat(np.arange(3), 8)
 FOLDS = np.tile(np.arange(8) % 2, 3)
 TEST_IDS = [f"te{i:03d}" for i in reversed(range(6))]  # sample_submission's order
+TASK = tasks.Multiclass(tuple(CLASSES))
 
 
 def toy_proba(n, signal, seed, y=None):
@@ -98,6 +100,36 @@ def test_rerun_gives_byte_identical_artifacts(tiny):
     config(tiny, ["good", "weak"])
     ensemble.main(["configs/tiny/ensemble.yaml"])
     first = outputs(tiny)
+    ensemble.main(["configs/tiny/ensemble.yaml"])
+    assert outputs(tiny) == first
+
+
+def test_a_stack_is_written_with_its_meta_model_and_applied_to_the_test_rows(tiny):
+    """mode: stack: weights.json holds the meta-model (coefficients, intercepts, strength) that
+    the blended test.csv applies, each fold's strength under nested CV, and the members'
+    coefficient shares as their weights; a rerun writes the same bytes."""
+    write_run("good", 2.0, 1)
+    write_run("weak", 0.5, 2)
+    config(tiny, ["good", "weak"], mode="stack", metric="log_loss", fallback_to_equal=False)
+    ensemble.main(["configs/tiny/ensemble.yaml"])
+    first = outputs(tiny)
+    saved = json.loads(first["weights.json"])
+    meta = stack.from_json(saved["stack"])
+    assert saved["mode"] == "stack" and saved["weights_choice"] == "stacked"
+    assert meta.model == "multinomial" and meta.coef.shape == (1, 3, 2, 3)
+    assert meta.strength in stack.STRENGTHS
+    assert set(saved["stack_cv"]) == {"100", "10", "1", "0.1", "0.01"}
+    assert sum(saved["weights"].values()) == pytest.approx(1.0)
+    for fold in saved["nested_cv"]["folds"].values():
+        assert set(fold["stack"]) == {"model", "strength"}  # coefficients only of the submitted one
+    members = np.stack([pd.read_csv(f"runs/tiny/{e}/test.csv").set_index("id")
+                        .loc[TEST_IDS, CLASSES].to_numpy() for e in ("good", "weak")])
+    test = pd.read_csv(tiny / "runs/tiny/ensemble/test.csv")
+    np.testing.assert_array_equal(test[CLASSES].to_numpy(),
+                                  as_written(stack.predict(meta, members, TASK)))
+    report = first["report.md"].decode()
+    assert "a stacked multinomial meta-model, strength" in report and "mode `stack`" in report
+    assert "history.png" not in report and not (tiny / "runs/tiny/ensemble/history.png").exists()
     ensemble.main(["configs/tiny/ensemble.yaml"])
     assert outputs(tiny) == first
 

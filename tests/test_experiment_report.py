@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import EXPERIMENT, write_yaml
+from pipeline.core import tasks
 from pipeline.reports import experiment as er
 from pipeline import folds, predict, train
 
@@ -22,6 +23,29 @@ def known_oof() -> er.OOF:
 def test_confident_mistakes_come_most_confident_first():
     assert er.confident_mistakes(known_oof(), 5).tolist() == [4, 1]
     assert er.confident_mistakes(known_oof(), 1).tolist() == [4]
+
+
+def test_label_noise_lists_confident_contradictions_with_their_images(tmp_path):
+    """Row 4 (true c) is predicted b at 0.90 with c at 0.05: a candidate; row 1's mistake is
+    not confident. Labels: a label contradicted at >= 0.9 either way. Values: not listed."""
+    oof = known_oof()
+    task = tasks.Multiclass(("a", "b", "c"))
+    ids, labels = [f"r{i}" for i in range(6)], ["A", "A", "B", "C", "C", "C"]
+    noise = er.label_noise(task, oof, ids, labels)
+    assert noise.drop(columns="row").to_dict("records") == [
+        dict(id="r4", label="C", predicted="b", confidence=0.9)]
+    lines = er.noise_section(noise, "classes", oof, tmp_path, 18)
+    assert "1 train rows whose OOF prediction contradicts their label" in lines[2]
+    assert (tmp_path / "label_noise.png").read_bytes()[:4] == b"\x89PNG"
+    labels_task = tasks.Multilabel(("x", "y"))
+    y = np.array([[1, 0], [0, 1], [1, 1]], dtype=np.float32)
+    proba = np.array([[0.95, 0.5], [0.2, 0.92], [0.05, 0.97]])
+    found = labels_task.label_noise(y, proba, er.NOISE_LEVEL)
+    assert found["row"].tolist() == [2] and found["predicted"].tolist() == ["y"]
+    assert found["confidence"].tolist() == [pytest.approx(0.95)]
+    values = er.OOF(["v"], np.arange(3.0), np.arange(3.0)[:, None], np.zeros(3), oof.images[:3])
+    assert er.label_noise(tasks.Regression(("v",)), values, ids[:3], labels[:3]) is None
+    assert "carry no confidence" in er.noise_section(None, "values", values, tmp_path, 18)[2]
 
 
 def test_calibration_bins_and_expected_calibration_error():
@@ -53,8 +77,11 @@ def test_predict_writes_the_report_with_small_pngs(tiny):
     run_dir = tiny / "runs/tiny/lenet5"
     report = (run_dir / "report.md").read_text()
     for heading in ("## Learning curves", "## Per class (OOF)", "## Calibration",
-                    "## Most confident mistakes"):
+                    "## Most confident mistakes", "## Label noise candidates (OOF)"):
         assert heading in report
+    noise = pd.read_csv(run_dir / "label_noise.csv")
+    assert list(noise.columns) == ["id", "label", "predicted", "confidence"]
+    assert (noise["confidence"] >= er.NOISE_LEVEL).all()
     assert "| class_0 |" in report and "with TTA (none)" in report
     pngs = {p.name: p for p in run_dir.glob("*.png")}
     assert {"learning_curves.png", "confusion.png", "reliability.png"} <= set(pngs)

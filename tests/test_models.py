@@ -130,3 +130,28 @@ def test_input_spec_comes_from_the_pretrained_config():
     spec = models.input_spec(build("lenet5"), ModelConfig(backbone="lenet5", crop_pct=0.9))
     assert spec.mean == timm.data.IMAGENET_DEFAULT_MEAN and spec.crop_pct == 0.9
     assert models.cache_size(224, 0.875) == 256
+
+
+def test_drop_path_rate_gives_a_timm_model_droppath_layers_and_a_new_run_tag(tiny):
+    """Stochastic depth at model.drop_path_rate: timm's per-block schedule rises to the rate
+    (resnet: linearly, the last block at the rate); 0 leaves the model as it was; a model
+    without DropPath layers refuses a rate it would ignore; the rate is part of the run tag."""
+    from timm.layers import DropPath
+    from pipeline import folds
+    from pipeline.core.competition import load_competition_data
+    from pipeline.core.config import load_experiment
+    from pipeline.training.experiment import run_tag
+    model = models.create_model(ModelConfig(backbone="test_resnet", drop_path_rate=0.2), 3)
+    rates = [m.drop_prob for m in model.modules() if isinstance(m, DropPath)]
+    assert len(rates) >= 2 and max(rates) == pytest.approx(0.2) and min(rates) >= 0
+    assert not any(isinstance(m, DropPath) for m in build("test_resnet").modules())
+    assert build("lenet5")(torch.zeros(1, 3, 32, 32)).shape == (1, 3)  # classic CNNs unchanged
+    for backbone in ("lenet5", "vgg16"):  # takes **kwargs and ignores it / does not take it
+        with pytest.raises(UserError, match=f"model.drop_path_rate: '{backbone}' has no "
+                                            f"stochastic depth"):
+            models.create_model(ModelConfig(backbone=backbone, drop_path_rate=0.1), 3)
+    folds.main(["configs/tiny/competition.yaml"])
+    configs = [load_experiment("configs/tiny/lenet5.yaml", o)
+               for o in ([], ["model.drop_path_rate=0.1"])]
+    tags = [run_tag(cfg, load_competition_data(cfg)) for cfg in configs]
+    assert tags[0] != tags[1] and tags[0].split("-")[1:] == tags[1].split("-")[1:]

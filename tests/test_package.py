@@ -105,6 +105,31 @@ def test_infer_from_the_package_alone_is_byte_identical_to_make_submit(built, tm
     assert not (root / "configs").exists() and not (root / "runs").exists()
 
 
+def test_a_stacked_package_infers_make_submits_bytes(built, tmp_path, monkeypatch):
+    """mode: stack: blend.json carries the meta-model (coefficients, intercepts, strength) and
+    infer applies it to the package's predictions, giving make submit's exact bytes."""
+    work = tmp_path / "work"
+    shutil.copytree(built, work, ignore=shutil.ignore_patterns("packages", "submissions"))
+    monkeypatch.chdir(work)
+    write_yaml(work / "configs/tiny/ensemble.yaml",
+               {"competition": "competition.yaml", "experiments": list(EXPERIMENTS),
+                "mode": "stack", "metric": "log_loss", "fallback_to_equal": False,
+                "nested_cv": False})
+    ensemble.main(["configs/tiny/ensemble.yaml"])
+    submit.main(["configs/tiny/ensemble.yaml"])
+    package.main(["configs/tiny/ensemble.yaml"])
+    weights = json.loads((work / "runs/tiny/ensemble/weights.json").read_text())
+    mix = json.loads((work / "packages/tiny/blend.json").read_text())
+    assert mix["mode"] == "stack" and mix["stack"] == weights["stack"]
+    assert mix["stack"]["model"] == "multinomial" and len(mix["stack"]["coef"][0]) == 3
+    root = tmp_path / "fresh"
+    shutil.copytree(work / "packages/tiny", root / "pkg")
+    shutil.copytree(work / "data/tiny/test", root / "test")
+    shutil.copy(work / "data/tiny/sample_submission.csv", root / "sample.csv")
+    infer.main(args(root))
+    assert (root / "sub.csv").read_bytes() == (work / "submissions/tiny.csv").read_bytes()
+
+
 def test_estimate_prints_a_time_and_writes_nothing(built, tmp_path, capsys):
     root = fresh_copy(built, tmp_path)
     infer.main(args(root, "--estimate", "5000"))

@@ -181,3 +181,23 @@ def test_an_asked_view_set_that_equals_a_cheaper_one_says_so(tiny, capsys):
     assert capsys.readouterr().err.strip() == (
         "note: flat: tta view set ten_crop equals hflip here (crops of 16 px from 16 px images); "
         "predicting hflip instead")
+
+
+def test_multiscale_views_are_predicted_and_merged_through_the_one_path(trained, monkeypatch):
+    """tta.views: multiscale on the 19 px cache: each OOF row is the mean over the centre crop
+    and its two zooms (14 and 18 px resized to 16) of its fold model's probabilities."""
+    import torch
+    from pipeline.data.loader import normalize
+    from pipeline.models import tta
+    cfg, scores = run(trained, monkeypatch, "tta.views=multiscale", "tta.max_batch=7")
+    assert scores["tta_views"] == "multiscale"
+    s = prepare(cfg)
+    rows = np.flatnonzero(s.folds == 0)
+    x = torch.from_numpy(s.images[rows]).permute(0, 3, 1, 2)
+    model = s.fold_model(0).module
+    with torch.inference_mode():
+        want = np.mean([torch.softmax(model(normalize(tta.apply_view(x, 16, v), s.spec)), 1)
+                        .numpy() for v in tta.VIEW_SETS["multiscale"]], axis=0)
+    np.testing.assert_allclose(read(trained, "oof_tta.csv")[CLASSES].to_numpy()[rows], want,
+                               atol=1e-6)
+    assert not np.allclose(want, read(trained, "oof.csv")[CLASSES].to_numpy()[rows], atol=1e-4)

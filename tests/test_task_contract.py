@@ -8,7 +8,7 @@ import pytest
 import torch
 from timm.data import Mixup
 
-from pipeline.blending import blend
+from pipeline.blending import blend, stack
 from pipeline.core import metrics, splits, submission, tasks, thresholds
 from pipeline.models import tta
 
@@ -138,3 +138,26 @@ def test_per_column_scores_name_its_columns_or_grades(case):
     task, y, pred = case
     scores = task.per_column_scores(y, pred)
     assert isinstance(scores, dict) and all(np.isfinite(v) for v in scores.values())
+
+
+def test_a_stack_of_its_predictions_predicts_its_columns(case):
+    task, y, pred = case
+    probas = np.stack([pred, predictions(task, y)])
+    meta = stack.fit(task, probas, y, 1.0)
+    out = blend.blend(probas, np.full(2, 0.5), "mean", task, meta=meta)
+    assert meta.model == task.stack_model and out.shape == pred.shape and np.isfinite(out).all()
+    assert stack.member_shares(meta).sum() == pytest.approx(1.0)
+    if task.simplex:
+        np.testing.assert_allclose(out.sum(1), 1.0)
+
+
+def test_label_noise_lists_rows_most_confident_first_or_does_not_apply(case):
+    task, y, pred = case
+    noise = task.label_noise(y, pred, 0.5)
+    if task.predicts == "values":
+        assert noise is None
+        return
+    assert list(noise.columns) == ["row", "predicted", "confidence"] and len(noise)
+    assert (noise["confidence"] >= 0.5).all() and noise["confidence"].is_monotonic_decreasing
+    assert noise["row"].between(0, N - 1).all()
+    assert all(isinstance(p, str) for p in noise["predicted"])

@@ -4,11 +4,14 @@ from typing import get_args
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
 from pipeline.models import tta
 from pipeline.data.augment import eval_transform
 from pipeline.core.config import ViewSet
 from pipeline.models.tta import View
+from pipeline.training.prediction import distinct_view_sets
 
 SIDE, SIZE = 19, 16  # odd margin: the centre crop must round like the train stage's
 
@@ -20,11 +23,21 @@ def rot90(a: np.ndarray, k: int) -> np.ndarray:
     return a
 
 
+def zoomed(a: np.ndarray, top: int, left: int, side: int, size: int) -> np.ndarray:
+    """The `side` crop at (top, left) resized to `size`: bilinear, antialiased, rounded."""
+    crop = torch.from_numpy(np.ascontiguousarray(a[..., top:top + side, left:left + side]))
+    out = F.interpolate(crop.float(), size=(size, size), mode="bilinear", align_corners=False,
+                        antialias=True)
+    return out.round().to(crop.dtype).numpy()
+
+
 def expected_views(a: np.ndarray, size: int) -> dict[str, list[np.ndarray]]:
-    """Every view set of N x C x H x W `a`, written out with plain numpy slices."""
+    """Every view set of N x C x H x W `a`, written out with plain numpy slices (multiscale:
+    crops of round(size * zoom) pixels, clipped to the image, resized to `size`)."""
     h, w = a.shape[-2:]
     t, l = (h - size) // 2, (w - size) // 2
     c = a[..., t:t + size, l:l + size]
+    zooms = [min(round(size * z), h, w) for z in (0.9, 1 / 0.9)]
     five = [a[..., :size, :size], a[..., :size, w - size:], a[..., h - size:, :size],
             a[..., h - size:, w - size:], c]
     mirror = lambda v: v[..., ::-1]  # noqa: E731
@@ -34,6 +47,7 @@ def expected_views(a: np.ndarray, size: int) -> dict[str, list[np.ndarray]]:
         "five_crop": five,
         "ten_crop": five + [mirror(v) for v in five],
         "dihedral8": [rot90(c, k) for k in range(4)] + [rot90(mirror(c), k) for k in range(4)],
+        "multiscale": [c] + [zoomed(a, (h - s) // 2, (w - s) // 2, s, size) for s in zooms],
     }
 
 
@@ -87,7 +101,7 @@ def test_union_shares_views_between_sets():
     assert tta.union(["none"]) == (View("centre"),)
     assert tta.union(["five_crop", "none", "hflip"]) == tta.VIEW_SETS["five_crop"] + (
         View("centre", True),)
-    assert len(tta.union(list(tta.VIEW_SETS))) == 16  # 5 crops, 5 mirrored, 6 more rotations
+    assert len(tta.union(list(tta.VIEW_SETS))) == 18  # 5 crops, 5 mirrored, 6 rotations, 2 zooms
 
 
 def test_merge_known_values():
@@ -135,7 +149,7 @@ def test_predict_sets_merges_the_known_outputs_of_every_view(how, max_batch):
         p = np.stack([softmax(v.reshape(3, -1) / 255 @ weight.T) for v in vs])  # V x N x K
         want = p.mean(0) if how == "mean" else softmax(np.log(p).mean(0))
         np.testing.assert_allclose(got[name].numpy(), want, rtol=1e-5, atol=1e-6)
-    assert sum(model.calls) == 16 * 3  # shared views go through the model once
+    assert sum(model.calls) == 18 * 3  # shared views go through the model once
     assert max(model.calls) <= max_batch
 
 
@@ -168,3 +182,47 @@ def test_index_tensors_are_made_once_per_device_and_reused(monkeypatch):
     on_meta = tta.gather_index(SIDE, SIDE, SIZE, needed, meta)
     assert on_meta.device == meta and on_meta is tta.gather_index(SIDE, SIDE, SIZE, needed, meta)
     assert tta.view_rows("hflip", needed, cpu) is tta.view_rows("hflip", needed, cpu)
+
+
+@pytest.mark.parametrize("side", [16, 19, 40])
+def test_multiscale_zooms_the_centre_crop_clipped_to_the_image(side):
+    """Crops of 16, 14 and 18 px (1, 0.9, 1/0.9 of 16) around the centre, each resized to 16 px
+    as PIL's bilinear filter would (within one grey level); at 16 px the zoom out is clipped to
+    the whole image, so it is the centre view again."""
+    boxes = [tta.crop_box(v, side, side, 16) for v in tta.VIEW_SETS["multiscale"]]
+    zoom_out = min(18, side)
+    assert boxes == [((side - 16) // 2, (side - 16) // 2, 16), ((side - 14) // 2,) * 2 + (14,),
+                     ((side - zoom_out) // 2,) * 2 + (zoom_out,)]
+    hwc = np.random.default_rng(side).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    x = torch.from_numpy(hwc.transpose(2, 0, 1))[None]
+    for view, (top, left, crop) in zip(tta.VIEW_SETS["multiscale"], boxes):
+        got = tta.apply_view(x, 16, view)[0].numpy()
+        assert got.shape == (3, 16, 16) and got.dtype == np.uint8
+        pil = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(
+            hwc[top:top + crop, left:left + crop, ch])).resize((16, 16), Image.BILINEAR))
+            for ch in range(3)])
+        assert np.abs(got.astype(int) - pil).max() <= 1
+    if side == 16:
+        assert torch.equal(tta.apply_view(x, 16, tta.VIEW_SETS["multiscale"][2]), x)
+
+
+def test_multiscale_is_its_own_view_set_at_every_crop():
+    kept, same = distinct_view_sets(list(tta.VIEW_SETS), 16, 16)
+    assert "multiscale" in kept and "multiscale" not in same
+    assert distinct_view_sets(["none", "multiscale"], 19, 16) == (["none", "multiscale"], {})
+    assert tta.union(["none", "multiscale"])[0] == View("centre")  # the centre view is shared
+
+
+def test_a_multiscale_prediction_of_uint8_images_merges_its_three_views():
+    rng = np.random.default_rng(3)
+    x = torch.from_numpy(rng.integers(0, 256, (4, 3, SIDE, SIDE), dtype=np.uint8))
+    weight = rng.normal(0, 0.02, (5, 3 * SIZE * SIZE))
+    model = Linear(weight)
+    got = tta.predict_sets(model, x, SIZE, ["none", "multiscale"], "mean",
+                           lambda v: v.float() / 255, 6)
+    views = [tta.apply_view(x, SIZE, v).numpy().reshape(4, -1) / 255
+             for v in tta.VIEW_SETS["multiscale"]]
+    want = np.mean([softmax(v @ weight.T) for v in views], axis=0)
+    np.testing.assert_allclose(got["multiscale"].numpy(), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["none"].numpy(), softmax(views[0] @ weight.T), rtol=1e-5)
+    assert sum(model.calls) == 3 * 4 and max(model.calls) <= 6

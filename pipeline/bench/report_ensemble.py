@@ -1,9 +1,10 @@
 """`make reports` section: the ensemble stage on the digits demo -> reports/ensemble.md.
 
 Blends every experiment of configs/digits/ (what `make predict COMP=digits` trains and
-predicts; `make reports` runs that first) with the settings of configs/digits/ensemble.yaml, once per blend
-mode, each into its own run folder runs/digits/report-ensemble-<mode>/ (with its report.md
-and plots), leaving the stage's own runs/digits/ensemble/ alone.
+predicts; `make reports` runs that first) with the settings of configs/digits/ensemble.yaml,
+once per blend mode (stack included), each into its own run folder
+runs/digits/report-ensemble-<mode>/ (with its report.md and plots), leaving the stage's own
+runs/digits/ensemble/ alone.
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def main() -> None:
     experiments = [p.stem for p in experiment_configs()]
     configured = load_ensemble(CONFIG).mode
     results = {}
-    for mode in dict.fromkeys([configured, *blend.MODES, "tune"]):
+    for mode in dict.fromkeys([configured, *blend.MODES, "tune", "stack"]):
         overrides = [f"experiments=[{', '.join(experiments)}]", f"mode={mode}",
                      f"experiment=report-ensemble-{mode}"]
         results[mode] = run_ensemble(load_ensemble(CONFIG, overrides))

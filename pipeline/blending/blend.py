@@ -1,4 +1,5 @@
-"""Blends: simplex weights and the blend modes (mean, geometric, rank), pure numpy.
+"""Blends: simplex weights and the weighted blend modes (mean, geometric, rank), pure numpy;
+`blend` also applies a stack's meta-model (pipeline.blending.stack) where one was chosen.
 
 Arrays are (models, rows, columns): class probabilities (rows summing to 1), label
 probabilities, or values (one column); only the first are renormalised per row. Everything is
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.stats import rankdata
+
+from pipeline.blending import stack
 
 MODES = ("mean", "geometric", "rank")
 U_LOW = 1e-6  # u in [U_LOW, 1]: -log(u) spans [0, 13.8], so any weight ratio is reachable
@@ -105,6 +108,9 @@ class Blender:
 
 
 def blend(probas: np.ndarray, weights: np.ndarray, mode: str, task,
-          folds: np.ndarray | None = None) -> np.ndarray:
-    """(M, N, K) predictions and M weights -> (N, K) blended predictions on `task` (see Blender)."""
+          folds: np.ndarray | None = None, meta: stack.Meta | None = None) -> np.ndarray:
+    """(M, N, K) predictions and M weights -> (N, K) blended predictions on `task` (see
+    Blender); with a stack's `meta`-model (mode `stack`), its predictions instead."""
+    if meta is not None:
+        return stack.predict(meta, probas, task)
     return Blender(probas, task, (mode,), folds)(weights, mode)

@@ -1,6 +1,7 @@
-"""The ensemble and submit stages' work: load the members, tune and choose the blend, write
-the blended test predictions, weights.json, the study and the report (`make ensemble`); then
-the submission in sample_submission's format at the chosen decisions (`make submit`)."""
+"""The ensemble and submit stages' work: load the members, tune and choose the blend (or the
+stack), write the blended test predictions, weights.json, the study and the report
+(`make ensemble`); then the submission in sample_submission's format at the chosen decisions
+(`make submit`)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.blending import blend, search
+from pipeline.blending import blend, search, stack
 from pipeline.blending.choose import blend_modes, evaluate
 from pipeline.blending.members import load_inputs
 from pipeline.core import layout, thresholds
@@ -37,7 +38,8 @@ def run_ensemble(cfg: EnsembleConfig) -> dict:
     if not cfg.storage:
         search.save_study(study, run.study, f"{cfg.name}-{cfg.experiment}")
     weights = np.array([result["weights"][n] for n in data.names])
-    blended = pd.DataFrame(blend.blend(data.test, weights, result["mode"], data.task),
+    blended = pd.DataFrame(blend.blend(data.test, weights, result["mode"], data.task,
+                                       meta=stack.from_json(result["stack"])),
                            columns=data.classes)
     blended.insert(0, "id", data.test_ids)
     write_csv(blended, run.test)

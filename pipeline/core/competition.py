@@ -201,6 +201,28 @@ def read_train(cfg: CompetitionConfig) -> tuple[pd.DataFrame, list[str] | None]:
     return train, label_cols
 
 
+def drop_excluded(train: pd.DataFrame, cfg: CompetitionConfig, path: Path) -> pd.DataFrame:
+    """The train table less the rows `data.exclude` names (a list of ids, or a CSV file with an
+    `id` column), said in one line; an id the table does not have stops with its name."""
+    exclude = cfg.data.exclude
+    if exclude is None:
+        return train
+    if isinstance(exclude, list):
+        ids, source = [str(i).strip() for i in exclude], "data.exclude"
+    else:
+        table = read_table(Path(exclude))
+        _require_columns(table, ["id"], Path(exclude), "data.exclude")
+        ids, source = list(table["id"].str.strip()), f"{exclude} (data.exclude)"
+    known = set(train["id"])
+    unknown = [i for i in ids if i not in known]
+    if unknown:
+        raise UserError(f"{source}: id {unknown[0]!r} is not in the train table {path}")
+    dropped = train["id"].isin(ids)
+    print(f"data.exclude: dropped {int(dropped.sum())} of {len(train)} train rows ({source})",
+          file=sys.stderr)
+    return train[~dropped]
+
+
 def read_sample_submission(cfg: CompetitionConfig) -> pd.DataFrame:
     path = cfg.data.path("sample_submission")
     sample = read_table(path)
@@ -211,7 +233,9 @@ def read_sample_submission(cfg: CompetitionConfig) -> pd.DataFrame:
 
 
 def load_competition_data(cfg: CompetitionConfig) -> Competition:
-    """Read and validate everything the pipeline needs from the competition folder."""
+    """Read and validate everything the pipeline needs from the competition folder; the train
+    rows `data.exclude` names are dropped once validated (the label set, the task's range and
+    grades are the whole table's)."""
     d = cfg.data
     train, label_cols = read_train(cfg)
     sample = read_sample_submission(cfg)
@@ -230,10 +254,10 @@ def load_competition_data(cfg: CompetitionConfig) -> Competition:
     test = pd.DataFrame({"id": sample[sample.columns[0]].str.strip()})
     test["path"] = find_images(test["id"], d.path("test_images"), d.image_suffix,
                                d.path("sample_submission"), d.cache_dir)
-    if bad:
-        for line in bad:
-            print(f"warning: skipped {line}", file=sys.stderr)
-        train = train[train["path"].notna()].reset_index(drop=True)
+    for line in bad:
+        print(f"warning: skipped {line}", file=sys.stderr)
+    train = drop_excluded(train, cfg, train_path)
+    train = train[train["path"].notna()].reset_index(drop=True)
     y = task.targets(train["target"], train_path)
     return Competition(train, test, tuple(task.columns), fmt, task, y, tuple(bad))
 

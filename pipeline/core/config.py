@@ -17,7 +17,7 @@ from pipeline.core.artifacts import text_hash
 from pipeline.core.errors import UserError
 
 TaskKind = Literal[tasks.KINDS]
-ViewSet = Literal["none", "hflip", "five_crop", "ten_crop", "dihedral8"]
+ViewSet = Literal["none", "hflip", "five_crop", "ten_crop", "dihedral8", "multiscale"]
 
 
 class Strict(BaseModel):
@@ -40,6 +40,9 @@ class DataConfig(Strict):
     channels: Literal[1, 3] = 3
     on_bad_image: Literal["error", "skip"] = "error"
     cache_dir: str = "cache"
+    # train ids dropped before folds: a list, or a CSV with an `id` column (e.g. a run's
+    # label_noise.csv), relative to the competition config's folder
+    exclude: Union[list[Union[str, int]], str, None] = None
 
     def path(self, name: str) -> Path:
         return Path(self.root) / getattr(self, name)
@@ -104,6 +107,7 @@ class ModelConfig(Strict):
     backbone: str
     pretrained: Union[bool, str] = False
     drop_rate: float = Field(0.0, ge=0, lt=1)
+    drop_path_rate: float = Field(0.0, ge=0, lt=1)  # stochastic depth (timm's DropPath)
     crop_pct: float | None = Field(None, gt=0, le=1)
 
 
@@ -165,8 +169,8 @@ class AugmentConfig(Strict):
 
 class TTAConfig(Strict):
     views: Union[ViewSet, Literal["auto"]] = "none"
-    candidates: list[ViewSet] = Field(["none", "hflip", "five_crop", "ten_crop", "dihedral8"],
-                                      min_length=1)
+    candidates: list[ViewSet] = Field(["none", "hflip", "five_crop", "ten_crop", "dihedral8",
+                                       "multiscale"], min_length=1)
     merge: Literal["mean", "geometric"] = "mean"
     max_batch: int | None = Field(None, ge=1)  # views per forward pass; None: train.eval_batch_size
 
@@ -211,14 +215,15 @@ class ExperimentConfig(CompetitionConfig):
 
 
 class EnsembleConfig(CompetitionConfig):
-    """`mode: tune` searches the blend mode as an optuna categorical; `trials` is per study
-    (nested CV tunes one more study per fold); `storage`: an optuna database URL holding a
-    persistent study that several workers may share (default: a fresh study each run)."""
+    """`mode: tune` searches the blend mode as an optuna categorical; `mode: stack` fits the
+    task's meta-model on the members' OOF instead (pipeline.blending.stack); `trials` is per
+    study (nested CV tunes one more study per fold); `storage`: an optuna database URL holding
+    a persistent study that several workers may share (default: a fresh study each run)."""
 
     experiment: str = "ensemble"
     experiments: list[str] = Field(min_length=1)
     trials: int = Field(200, ge=1)
-    mode: Literal["mean", "geometric", "rank", "tune"] = "mean"
+    mode: Literal["mean", "geometric", "rank", "tune", "stack"] = "mean"
     nested_cv: bool = True
     fallback_to_equal: bool = True
     storage: str | None = None
@@ -287,7 +292,7 @@ def _check_task(cfg: CompetitionConfig, source: Path) -> None:
         raise UserError(f"{source}: tta.merge: {merge} needs probabilities; task {cfg.task} "
                         f"predicts {task.predicts} (use {' or '.join(task.tta_merges)})")
     mode = getattr(cfg, "mode", "mean")
-    if mode != "tune" and mode not in task.blend_modes:
+    if mode not in ("tune", "stack") and mode not in task.blend_modes:
         raise UserError(f"{source}: mode: {mode} needs probabilities; task {cfg.task} "
                         f"predicts {task.predicts} (use {' or '.join(task.blend_modes)})")
 
@@ -328,9 +333,20 @@ def experiment_overrides(overrides: list[str] | None) -> list[str]:
     return _own_overrides(ExperimentConfig, overrides)
 
 
+def _anchor_exclude(data: dict, folder: Path) -> dict:
+    """`data.exclude` naming a file relative to the competition config's `folder`, as a path
+    from the working folder."""
+    section = data.get("data")
+    exclude = section.get("exclude") if isinstance(section, dict) else None
+    if isinstance(exclude, str) and not Path(exclude).is_absolute():
+        section["exclude"] = str(folder / exclude)
+    return data
+
+
 def _resolve(path: str | Path, overrides: list[str] | None,
              own: dict | None = None) -> tuple[dict, Path]:
-    """The file's keys (or `own`, read from it) merged over its competition file's, overridden."""
+    """The file's keys (or `own`, read from it) merged over its competition file's, overridden
+    (a `data.exclude` file is relative to the competition file's folder)."""
     path = Path(path)
     own = read_yaml(path) if own is None else own
     comp_name = own.pop("competition", None)
@@ -346,7 +362,7 @@ def _resolve(path: str | Path, overrides: list[str] | None,
                             f"{comp_path.parent}; remove `name` (it is the folder's name)")
     merged = deep_merge(base, own)
     merged["name"] = folder
-    return apply_overrides(merged, overrides or []), path
+    return _anchor_exclude(apply_overrides(merged, overrides or []), comp_path.parent), path
 
 
 def load_competition(path: str | Path, overrides: list[str] | None = None) -> CompetitionConfig:

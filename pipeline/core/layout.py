@@ -5,6 +5,7 @@ folds/<comp>.csv                          id, fold
 runs/<comp>/leaderboard.{md,csv}  train-data.json test-data.json (the data's hashes)
 runs/<comp>/<exp>/                        an experiment's current version (a Run)
   tag.txt config.json provenance.json scores.json oof.csv oof_tta.csv test.csv report.md *.png
+  label_noise.csv
   fold<k>/best.safetensors last.pt log.csv oof.csv
   tune/study.db best.json report.md *.png trial_<n>/
   history/<tag>/                          a past version, laid out as the current one
@@ -79,6 +80,7 @@ class Run:
     oof_tta = property(lambda self: self.dir / "oof_tta.csv")
     test = property(lambda self: self.dir / "test.csv")  # also the ensemble's blended test
     report = property(lambda self: self.dir / "report.md")
+    label_noise = property(lambda self: self.dir / "label_noise.csv")  # written with the report
     preview = property(lambda self: self.dir / "preview.png")
     history = property(lambda self: self.dir / "history")
 

@@ -4,8 +4,10 @@ A task answers what the rest of the pipeline asks: how raw targets read, the hea
 loss and how mixup/cutmix mixes targets, how logits become predictions and how their views
 and blends average, how predictions read (`predicts`: classes, labels or values) and become
 hard decisions, which thresholds a metric needs, which metrics, submission formats, blend
-modes and TTA merges fit, how folds stratify it, what the per-column report shows, the
-trivial baseline. Its parameters are typed fields, and a task round-trips through JSON.
+modes and TTA merges fit, how a stack's meta-model reads the members' predictions (its
+features and which meta-model), which rows confidently contradict their label, how folds
+stratify it, what the per-column report shows, the trivial baseline. Its parameters are typed
+fields, and a task round-trips through JSON.
 
 Two levels: the competition's task (`build`, from the whole train table) holds what defines
 the label space (classes, labels, grades, the target's range for grade metrics); a fold's task
@@ -30,6 +32,7 @@ from pipeline.core import metrics
 from pipeline.core.errors import UserError
 
 PROBABILITY_MODES = ("mean", "geometric", "rank")
+EPS = 1e-15  # probabilities are clipped to [EPS, 1 - EPS] before a log
 
 
 def _class_sort_key(name: str):
@@ -89,6 +92,7 @@ class Task:
     reads_label_columns: ClassVar[bool] = False  # data.target_columns / data.target_prefix
     allows_empty_target: ClassVar[bool] = False
     decision_labels: ClassVar = None  # the label set decision metrics score over (None: found)
+    stack_model: ClassVar[str]  # the meta-model of `mode: stack` (pipeline.blending.stack)
 
     columns: tuple[str, ...]
 
@@ -128,6 +132,17 @@ class Task:
         """The blend's per-column figures for the ensemble report ({} where there are none)."""
         return {}
 
+    def stack_features(self, probas: np.ndarray) -> np.ndarray:
+        """Members' predictions (M, N, K) as the stack's meta-model reads them: (N, G, M, P),
+        G independent meta-models (one, or one per label), each over M members x P features."""
+        raise NotImplementedError
+
+    def label_noise(self, y: np.ndarray, pred: np.ndarray, level: float) -> pd.DataFrame | None:
+        """The rows whose prediction contradicts their target with confidence >= `level`: a
+        frame of row (index into y), predicted (as the train table spells it) and confidence,
+        most confident first; None where a prediction carries no confidence (values)."""
+        return None
+
     def fold_strata(self, target: pd.Series, y: np.ndarray) -> tuple[np.ndarray, str]:
         """(what folds stratify on, how: classes, labels or values), from the train table's
         target column and the targets."""
@@ -145,6 +160,7 @@ class _Classes(Task):
     predicts: ClassVar[str] = "classes"
     simplex: ClassVar[bool] = True
     submission_formats: ClassVar = ("label", "proba", "binary_proba")
+    stack_model: ClassVar[str] = "multinomial"  # binary too: two classes
 
     @property
     def decision_labels(self) -> np.ndarray:
@@ -194,6 +210,19 @@ class _Classes(Task):
     @property
     def label_names(self) -> list[str]:
         return list(self.columns)
+
+    def stack_features(self, probas):
+        """Every member's log-probability of every class, for one multinomial meta-model."""
+        return np.log(np.clip(probas, EPS, 1.0)).transpose(1, 0, 2)[:, None]
+
+    def label_noise(self, y, pred, level):
+        """Rows whose predicted class has probability >= level and true class <= 1 - level."""
+        hard = pred.argmax(1)
+        confidence = pred[np.arange(len(y)), hard]
+        rows = np.flatnonzero((confidence >= level) & (pred[np.arange(len(y)), y] <= 1 - level))
+        rows = rows[np.argsort(-confidence[rows], kind="stable")]
+        return pd.DataFrame(dict(row=rows, predicted=self.spell(hard[rows]),
+                                 confidence=confidence[rows]))
 
 
 @dataclass(frozen=True)
@@ -273,6 +302,7 @@ class Multilabel(Task):
     submission_formats: ClassVar = ("labels", "columns")
     reads_label_columns: ClassVar[bool] = True
     allows_empty_target: ClassVar[bool] = True  # an empty label set is a row's "no label"
+    stack_model: ClassVar[str] = "logistic"  # one per label
     separator: str = " "
     balanced: bool = False  # train.pos_weight: balanced
     pos_weight: tuple[float, ...] | None = None  # fitted: negatives / positives per label
@@ -345,6 +375,21 @@ class Multilabel(Task):
         return {c: float(metrics.REGISTRY["roc_auc"].on["labels"](y[:, [j]], pred[:, [j]]))
                 for j, c in enumerate(self.columns) if 0 < y[:, j].sum() < len(y)}
 
+    def stack_features(self, probas):
+        """Each label's member logits, for one logistic meta-model per label."""
+        p = np.clip(probas, EPS, 1 - EPS)
+        return (np.log(p) - np.log1p(-p)).transpose(1, 2, 0)[..., None]
+
+    def label_noise(self, y, pred, level):
+        """Rows with a label whose probability contradicts it with confidence >= level (a
+        present label at <= 1 - level, an absent one at >= level); predicted: the labels at
+        0.5, confidence: the strongest contradiction."""
+        confidence = np.where(y >= 0.5, 1 - pred, pred).max(1)
+        rows = np.flatnonzero(confidence >= level)
+        rows = rows[np.argsort(-confidence[rows], kind="stable")]
+        return pd.DataFrame(dict(row=rows, predicted=self.join(self.decide(pred[rows])),
+                                 confidence=confidence[rows]))
+
     def fold_strata(self, target, y):
         return y, "labels"
 
@@ -361,6 +406,7 @@ class Regression(Task):
     blend_modes: ClassVar = ("mean", "rank")
     tta_merges: ClassVar = ("mean",)
     loss_metric: ClassVar[str] = "rmse"
+    stack_model: ClassVar[str] = "ridge"
     low: float = 0.0
     high: float = 1.0
     loss_kind: str = "mse"
@@ -434,6 +480,10 @@ class Regression(Task):
 
     def fold_strata(self, target, y):
         return y, "values"
+
+    def stack_features(self, probas):
+        """The members' values, for one ridge regression."""
+        return probas.transpose(1, 2, 0)[..., None]
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 competition on random, hub or local weights (pipeline.models.pretrained), and how to feed it.
 
 The classifier is always new, sized for the competition's classes and, over pretrained
-features, started at zero.
+features, started at zero. `model.drop_path_rate` (stochastic depth) is passed to timm where it
+is set; an architecture without DropPath layers refuses it in one line.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import timm
 import torch
 from timm.data import resolve_data_config
+from timm.layers import DropPath
 
 import pipeline.models.classic  # noqa: F401  (registers lenet5 and alexnet in timm)
 from pipeline.core.config import ExperimentConfig, ModelConfig
@@ -30,9 +32,27 @@ class InputSpec:
 
 
 def create_model(cfg: ModelConfig, num_classes: int, in_chans: int = 3) -> torch.nn.Module:
-    """Build `cfg.backbone` with a fresh `num_classes` head, from random, hub or local weights."""
+    """Build `cfg.backbone` with a fresh `num_classes` head, from random, hub or local weights,
+    with stochastic depth at `cfg.drop_path_rate` where it is set."""
     check_backbone(cfg.backbone)
     kwargs = dict(num_classes=num_classes, in_chans=in_chans, drop_rate=cfg.drop_rate)
+    if not cfg.drop_path_rate:
+        return _build(cfg, kwargs)
+    refused = UserError(f"model.drop_path_rate: {cfg.backbone!r} has no stochastic depth "
+                        f"(DropPath) layers; set it to 0 or pick an architecture that has them")
+    try:
+        model = _build(cfg, dict(kwargs, drop_path_rate=cfg.drop_path_rate))
+    except TypeError as err:  # an architecture whose constructor does not take the rate
+        if "drop_path_rate" in str(err):
+            raise refused from None
+        raise
+    if not any(isinstance(m, DropPath) for m in model.modules()):  # took it and ignored it
+        raise refused
+    return model
+
+
+def _build(cfg: ModelConfig, kwargs: dict) -> torch.nn.Module:
+    """The model from random, hub or local weights, timm's keyword arguments `kwargs`."""
     if cfg.pretrained is False:
         return timm.create_model(cfg.backbone, pretrained=False, **kwargs)
     cached = cached_hub_file(cfg.backbone) if cfg.pretrained is True else None

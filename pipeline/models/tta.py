@@ -1,7 +1,9 @@
 """Test-time augmentation: named views of a batch, one forward pass for all of them, merged per image.
 
 Views are cut from the cached image (resized to `size / crop_pct`), so every crop has the
-training size; the centre view is exactly the train stage's evaluation crop.
+training size; the centre view is exactly the train stage's evaluation crop. A zoomed view
+(`scale` != 1: multiscale) cuts `size * scale` pixels, clipped to the image, and resizes them
+to the training size (bilinear, antialiased, rounded back to the cache's uint8).
 """
 from __future__ import annotations
 
@@ -14,14 +16,17 @@ import torch.nn.functional as F
 
 
 class View(NamedTuple):
-    """A crop of the cached image, optionally mirrored, then turned by `rot90` quarter turns."""
+    """A crop of the cached image, resized to the training size when zoomed, optionally
+    mirrored, then turned by `rot90` quarter turns."""
 
     crop: str  # centre, top_left, top_right, bottom_left, bottom_right
     hflip: bool = False
     rot90: int = 0  # counter-clockwise quarter turns, applied after the flip
+    scale: float = 1.0  # the crop's side as a fraction of the training size
 
 
 CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")
+ZOOMS = (1.0, 0.9, 1 / 0.9)  # multiscale: the centre crop, zoomed in, zoomed out
 _FIVE = tuple(View(c) for c in CORNERS + ("centre",))
 VIEW_SETS: dict[str, tuple[View, ...]] = {
     "none": (View("centre"),),
@@ -29,6 +34,7 @@ VIEW_SETS: dict[str, tuple[View, ...]] = {
     "five_crop": _FIVE,
     "ten_crop": _FIVE + tuple(v._replace(hflip=True) for v in _FIVE),
     "dihedral8": tuple(View("centre", f, k) for f in (False, True) for k in range(4)),
+    "multiscale": tuple(View("centre", scale=z) for z in ZOOMS),
 }
 
 
@@ -40,10 +46,31 @@ def crop_offset(crop: str, height: int, width: int, size: int) -> tuple[int, int
     return (0 if vertical == "top" else height - size), (0 if horizontal == "left" else width - size)
 
 
+def crop_box(view: View, height: int, width: int, size: int) -> tuple[int, int, int]:
+    """(top, left, side) of the pixels a view reads: `size * scale`, clipped to the image."""
+    side = min(int(round(size * view.scale)), height, width)
+    return (*crop_offset(view.crop, height, width, side), side)
+
+
+def geometry(view: View, side: int, size: int) -> tuple:
+    """What decides a view's pixels on `side` x `side` images: equal geometries, equal views."""
+    return crop_box(view, side, side, size), view.hflip, view.rot90
+
+
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """N x C x h x w -> N x C x size x size, bilinear (antialiased when shrinking), rounded back
+    to `x`'s dtype (a weighted mean of pixels: never outside their range)."""
+    out = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False,
+                        antialias=True)
+    return out.round().to(x.dtype)
+
+
 def apply_view(x: torch.Tensor, size: int, view: View) -> torch.Tensor:
     """One view of N x C x H x W images -> N x C x size x size."""
-    top, left = crop_offset(view.crop, x.shape[-2], x.shape[-1], size)
-    out = x[..., top:top + size, left:left + size]
+    top, left, side = crop_box(view, x.shape[-2], x.shape[-1], size)
+    out = x[..., top:top + side, left:left + side]
+    if side != size:
+        out = resize(out, size)
     if view.hflip:
         out = out.flip(-1)
     return torch.rot90(out, view.rot90, dims=(-2, -1)) if view.rot90 else out
@@ -70,8 +97,9 @@ def merge(proba: torch.Tensor, how: str, simplex: bool = True) -> torch.Tensor:
 @functools.lru_cache(maxsize=32)
 def gather_index(height: int, width: int, size: int, needed: tuple[View, ...],
                  device: torch.device = torch.device("cpu")) -> torch.Tensor:
-    """Flat pixel index of every view, V*size*size long: the views applied to a plane of
-    indices; made once per shape, views and device (not copied to the device every batch)."""
+    """Flat pixel index of every view, V*size*size long: the views (none zoomed) applied to a
+    plane of indices; made once per shape, views and device (not copied to the device every
+    batch)."""
     plane = torch.arange(height * width).view(1, 1, height, width)
     return torch.cat([apply_view(plane, size, v).flatten() for v in needed]).to(device)
 
@@ -84,14 +112,21 @@ def view_rows(name: str, needed: tuple[View, ...], device: torch.device) -> torc
 
 
 def stack_views(x: torch.Tensor, size: int, needed: tuple[View, ...]) -> torch.Tensor:
-    """N x C x H x W -> (N*V) x C x size x size, image-major, with one gather.
+    """N x C x H x W -> (N*V) x C x size x size, image-major: the views that only cut pixels with
+    one gather, each zoomed one cut and resized.
 
     The result is laid out channels-last in memory (a strided view, no further copy).
     """
     n, c, h, w = x.shape
+    cut = tuple(v for v in needed if crop_box(v, h, w, size)[2] == size)
     pixels = x.permute(0, 2, 3, 1).reshape(n, h * w, c)
-    stacked = pixels.index_select(1, gather_index(h, w, size, needed, x.device))
-    return stacked.view(n * len(needed), size, size, c).permute(0, 3, 1, 2)
+    stacked = pixels.index_select(1, gather_index(h, w, size, cut, x.device)) if cut else None
+    if len(cut) < len(needed):
+        views = stacked.view(n, len(cut), size, size, c).unbind(1) if cut else ()
+        where = {v: i for i, v in enumerate(cut)}
+        stacked = torch.stack([views[where[v]] if v in where else
+                               apply_view(x, size, v).permute(0, 2, 3, 1) for v in needed], 1)
+    return stacked.reshape(n * len(needed), size, size, c).permute(0, 3, 1, 2)
 
 
 def predict_sets(model: torch.nn.Module, x: torch.Tensor, size: int, view_sets: list[str],

@@ -88,7 +88,7 @@ def read_blend(cfg: EnsembleConfig) -> dict:
     result = json.loads(path.read_text())
     names = result["experiments"]
     return dict(experiments=names, weights=[result["weights"][n] for n in names],
-                mode=result["mode"], thresholds=result.get("thresholds"))
+                mode=result["mode"], stack=result.get("stack"), thresholds=result.get("thresholds"))
 
 
 def build(cfg: EnsembleConfig, config_dir: Path, out: Path, half: bool) -> Path:

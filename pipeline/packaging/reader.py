@@ -1,7 +1,7 @@
 """Predicting from an inference package alone (the offline path of `infer`): the verified
 package, the sample submission's ids in its layout, and every experiment's test predictions
-through the one inference path (images decoded once per distinct input size), blended as the
-ensemble stage blends.
+through the one inference path (images decoded once per distinct input size), blended (or
+stacked) as the ensemble stage blends.
 
 Imports nothing it does not need: no training code, no optuna, no plotting.
 """
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.blending import blend
+from pipeline.blending import blend, stack
 from pipeline.core import layout, tasks
 from pipeline.core.artifacts import as_written
 from pipeline.core.competition import read_table
@@ -127,11 +127,13 @@ def _counted(batches: Iterator[torch.Tensor], bar: tqdm, name: str) -> Iterator[
 
 
 def blended(pkg: LoadedPackage, per_experiment: list[np.ndarray]) -> np.ndarray:
-    """The blend of the experiments' predictions, through the same numbers as the stages'
-    files: each experiment's as predict writes it, the blend as the ensemble stage writes it."""
+    """The blend (or the stack's meta-model) of the experiments' predictions, through the same
+    numbers as the stages' files: each experiment's as predict writes it, the blend as the
+    ensemble stage writes it."""
     probas = np.stack([as_written(p) for p in per_experiment])
     task = tasks.from_json(pkg.meta["task_spec"])
-    return as_written(blend.blend(probas, np.asarray(pkg.blend["weights"]), pkg.blend["mode"], task))
+    return as_written(blend.blend(probas, np.asarray(pkg.blend["weights"]), pkg.blend["mode"], task,
+                                  meta=stack.from_json(pkg.blend.get("stack"))))
 
 
 def estimate(pkg: LoadedPackage, paths: list[str], n: int, on: torch.device) -> str:

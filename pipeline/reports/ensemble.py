@@ -68,7 +68,18 @@ def used(result: dict) -> str:
     weights = ", ".join(f"{n}={w:.3f}" for n, w in result["weights"].items())
     decisions = {None: "", "default": ", default decisions",
                  "tuned": ", tuned decision thresholds"}[result["thresholds_choice"]]
+    meta = result.get("stack")
+    if meta is not None:
+        return (f"a stacked {meta['model']} meta-model, strength {meta['strength']:g} "
+                f"(coefficient shares {weights}){decisions}")
     return f"{result['weights_choice']} weights {weights}, mode {result['mode']}{decisions}"
+
+
+def mode_text(choice: dict) -> str:
+    """A choice's mode; a stack's with its meta-model and strength."""
+    meta = choice.get("stack")
+    return choice["mode"] if meta is None else \
+        f"{choice['mode']} ({meta['model']}, strength {meta['strength']:g})"
 
 
 def headline(result: dict) -> str:
@@ -93,7 +104,8 @@ def per_column_lines(result: dict) -> list[str]:
 
 
 def choices_table(result: dict) -> list[str]:
-    """Markdown: what was chosen on all folds and, under nested CV, without each fold."""
+    """Markdown: what was chosen on all folds and, under nested CV, without each fold (a
+    stack's member weights are its coefficient shares)."""
     names = result["experiments"]
     folds = (result["nested_cv"] or {}).get("folds", {})
     chosen = {"all folds (submitted)": result, **{f"without fold {f}": c for f, c in folds.items()}}
@@ -104,31 +116,36 @@ def choices_table(result: dict) -> list[str]:
         th_text = "-" if c["thresholds_choice"] is None else c["thresholds_choice"] if th is None \
             else "tuned " + ", ".join(f"{v:.2f}" for v in np.atleast_1d(th.get("cuts", th.get("values"))))
         lines.append("| " + " | ".join([label, *[f"{c['weights'][n]:.3f}" for n in names],
-                                         c["mode"], c["weights_choice"], th_text]) + " |")
+                                         mode_text(c), c["weights_choice"], th_text]) + " |")
     return lines
 
 
 def render_report(result: dict, cfg: EnsembleConfig) -> str:
     storage = cfg.storage or f"sqlite:///{layout.Run.of(cfg.name, cfg.experiment).study}"
     sampler = "TPE, a study shared through `storage`" if cfg.storage else f"TPE, seed {cfg.seed}"
+    how = f"{cfg.trials} optuna trials per study ({sampler}), mode `{cfg.mode}`."
+    if result.get("stack_cv") is not None:
+        tried = ", ".join(f"{s}: {v:.5f}" for s, v in result["stack_cv"].items())
+        how = (f"mode `stack`: a meta-model on the members' OOF, its regularisation strength "
+               f"chosen by CV within the rows of each choice (on all rows: {tried}).")
     return "\n".join([
         f"# Ensemble `{cfg.experiment}` of {cfg.name}: {', '.join(result['experiments'])}", "",
-        f"Metric: {result['metric']} ({metrics.direction(result['metric'])}); "
-        f"{cfg.trials} optuna trials per study ({sampler}), mode `{cfg.mode}`.", "",
+        f"Metric: {result['metric']} ({metrics.direction(result['metric'])}); {how}", "",
         score_table(result), "",
         f"**Submitted: {used(result)}. {headline(result)}.**", "",
-        "Every choice (weights and mode, equal weights instead when tuned ones do not beat them "
-        "under CV, decision thresholds instead of the defaults likewise) is made by one "
+        "Every choice (weights and mode or the stack, equal weights instead when they do not "
+        "beat them under CV, decision thresholds instead of the defaults likewise) is made by one "
         "procedure; the nested figure runs it without each fold and scores that fold.", "",
         "## Choices", "", *choices_table(result), "",
         *per_column_lines(result),
-        f"Study: `{storage}`, name `{cfg.name}-{cfg.experiment}`.", "",
-        "![optimisation history](history.png)", "",
+        *([f"Study: `{storage}`, name `{cfg.name}-{cfg.experiment}`.", "",
+           "![optimisation history](history.png)", ""] if result["trials"] else []),
         "![per-fold scores](folds.png)", ""])
 
 
 def write(study: optuna.Study, result: dict, cfg: EnsembleConfig, run: layout.Run) -> None:
-    """report.md with history.png (the optimisation history) and folds.png (per-fold scores)."""
+    """report.md with history.png (the optimisation history, when the weights were searched)
+    and folds.png (per-fold scores)."""
     metric = metrics.name(cfg.metric)
     if study.trials:
         plot_history(study, metric, run.file("history.png"))

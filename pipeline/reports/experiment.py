@@ -3,7 +3,10 @@
 Learning curves per fold (from each fold's log.csv), then what fits the task: for
 classification the per-class metrics, the OOF confusion matrix, a reliability (calibration)
 plot and a gallery of the OOF images the model got most confidently wrong. `SECTIONS` maps how
-the task's predictions read (`Task.predicts`) to its part of the report.
+the task's predictions read (`Task.predicts`) to its part of the report. Last, the label-noise
+candidates: the train rows whose OOF prediction confidently contradicts their label
+(`Task.label_noise` at NOISE_LEVEL), listed in label_noise.csv (id, label, predicted,
+confidence; a file `data.exclude` takes) with a gallery of their images.
 """
 from __future__ import annotations
 
@@ -18,12 +21,13 @@ from matplotlib.figure import Figure
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
 from pipeline.core import layout
-from pipeline.core.artifacts import atomic_path, write_text
+from pipeline.core.artifacts import atomic_path, write_csv, write_text
 
 if TYPE_CHECKING:
     from pipeline.training.experiment import Experiment
 
 DPI = 80  # small files: a few tens of kB each
+NOISE_LEVEL = 0.9  # a label contradicted with this confidence is a label-noise candidate
 
 
 @dataclass
@@ -149,18 +153,15 @@ def confident_mistakes(oof: OOF, n: int) -> np.ndarray:
     return wrong[np.argsort(-oof.proba[wrong, pred[wrong]], kind="stable")][:n]
 
 
-def plot_gallery(oof: OOF, rows: np.ndarray, ids: list[str], path: Path) -> None:
-    """The images at `rows`, titled with id, truth and prediction (probability)."""
-    cols = min(6, len(rows))
-    lines = -(-len(rows) // cols)
+def plot_gallery(images: np.ndarray, titles: list[str], path: Path) -> None:
+    """The images (N, side, side, C), each above its title, six to a line."""
+    cols = min(6, len(images))
+    lines = -(-len(images) // cols)
     fig = Figure(figsize=(1.6 * cols, 2.1 * lines))
     axes = np.atleast_1d(fig.subplots(lines, cols)).ravel()
-    pred = oof.proba.argmax(1)
-    for ax, row in zip(axes, rows):
-        img = oof.images[row]
+    for ax, img, title in zip(axes, images, titles):
         ax.imshow(img[:, :, 0] if img.shape[2] == 1 else img, cmap="gray")
-        ax.set_title(f"{ids[row]}\ntrue {oof.classes[oof.y[row]]}\n"
-                     f"pred {oof.classes[pred[row]]} ({oof.proba[row, pred[row]]:.2f})", fontsize=7)
+        ax.set_title(title, fontsize=7)
     for ax in axes:
         ax.axis("off")
     save_png(fig, path)
@@ -179,7 +180,11 @@ def classification_sections(oof: OOF, ids: list[str], run_dir: Path, gallery: in
              "![reliability](reliability.png)", "", "## Most confident mistakes", ""]
     rows = confident_mistakes(oof, gallery)
     if len(rows):
-        plot_gallery(oof, rows, ids, run_dir / "mistakes.png")
+        pred = oof.proba.argmax(1)
+        plot_gallery(oof.images[rows], [
+            f"{ids[r]}\ntrue {oof.classes[oof.y[r]]}\n"
+            f"pred {oof.classes[pred[r]]} ({oof.proba[r, pred[r]]:.2f})" for r in rows],
+            run_dir / "mistakes.png")
         lines += [f"The {len(rows)} wrong OOF predictions made with the highest probability.", "",
                   "![most confident mistakes](mistakes.png)", ""]
     else:
@@ -227,9 +232,44 @@ SECTIONS: dict[str, Callable[[OOF, list[str], Path, int], list[str]]] = {
 }
 
 
+def label_noise(task, oof: OOF, ids: list[str], labels: list[str]) -> pd.DataFrame | None:
+    """label_noise.csv's rows: id, label (as the train table spells it), predicted, confidence,
+    most confident first, with `row` (into the train table) for the gallery; None where the
+    task's predictions carry no confidence (values)."""
+    found = task.label_noise(oof.y, oof.proba, NOISE_LEVEL)
+    if found is None:
+        return None
+    rows = found["row"].to_numpy()
+    return pd.DataFrame(dict(id=np.asarray(ids, dtype=object)[rows],
+                             label=np.asarray(labels, dtype=object)[rows],
+                             predicted=found["predicted"].to_numpy(dtype=object),
+                             confidence=found["confidence"].to_numpy(), row=rows))
+
+
+def noise_section(noise: pd.DataFrame | None, predicts: str, oof: OOF, run_dir: Path,
+                  gallery: int) -> list[str]:
+    """The label-noise candidates: how many, where listed, the gallery of the most confident."""
+    lines = ["## Label noise candidates (OOF)", ""]
+    if noise is None:
+        return lines + [f"Not listed: the predictions are {predicts}, which carry no confidence.",
+                        ""]
+    lines += [f"{len(noise)} train rows whose OOF prediction contradicts their label with "
+              f"confidence >= {NOISE_LEVEL} (label_noise.csv: id, label, predicted, confidence; "
+              f"once checked, `data.exclude` naming it drops them before folds).", ""]
+    if len(noise):
+        shown = noise.head(gallery)
+        plot_gallery(oof.images[shown["row"].to_numpy()],
+                     [f"{i}\nlabel {lab}\npred {p} ({c:.2f})" for i, lab, p, c in
+                      zip(shown["id"], shown["label"], shown["predicted"], shown["confidence"])],
+                     run_dir / "label_noise.png")
+        lines += ["![label noise candidates](label_noise.png)", ""]
+    return lines
+
+
 def render(experiment: str, predicts: str, scores: dict, logs: dict[int, pd.DataFrame], oof: OOF,
-           ids: list[str], run_dir: Path, gallery: int = 18) -> str:
-    """Write the PNGs into `run_dir`; return report.md's text."""
+           ids: list[str], run_dir: Path, gallery: int = 18,
+           noise: pd.DataFrame | None = None) -> str:
+    """Write the PNGs into `run_dir`; return report.md's text (`noise`: label_noise's rows)."""
     metric = scores["metric"]
     tta = (f", {scores['cv_tta']:.5f} with TTA ({scores['tta_views']})"
            if "cv_tta" in scores else "")
@@ -243,12 +283,14 @@ def render(experiment: str, predicts: str, scores: dict, logs: dict[int, pd.Data
         lines += ["![learning curves](learning_curves.png)", ""]
     else:
         lines += ["No fold log found.", ""]
-    return "\n".join(lines + SECTIONS[predicts](oof, ids, run_dir, gallery))
+    return "\n".join(lines + SECTIONS[predicts](oof, ids, run_dir, gallery) +
+                     noise_section(noise, predicts, oof, run_dir, gallery))
 
 
 def write(exp: Experiment) -> Path:
-    """Write runs/<comp>/<exp>/report.md and its PNGs for the trained and predicted
-    experiment; returns report.md's path."""
+    """Write runs/<comp>/<exp>/report.md, its PNGs and label_noise.csv (where the task's
+    predictions carry a confidence) for the trained and predicted experiment; returns
+    report.md's path."""
     run, comp = exp.run, exp.comp
     scores = json.loads(run.scores.read_text())
     source = run.oof_tta if run.oof_tta.is_file() else run.oof
@@ -256,6 +298,9 @@ def write(exp: Experiment) -> Path:
     table = pd.read_csv(source, dtype={"id": str}, keep_default_na=False).set_index("id").loc[ids]
     oof = OOF(list(comp.classes), comp.y, table[list(comp.classes)].to_numpy(np.float64),
               exp.folds, exp.images)
+    noise = label_noise(comp.task, oof, ids, list(comp.train["target"]))
+    if noise is not None:
+        write_csv(noise.drop(columns="row"), run.label_noise)
     write_text(render(exp.cfg.experiment, comp.task.predicts, scores, read_logs(run), oof, ids,
-                      run.dir), run.report)
+                      run.dir, noise=noise), run.report)
     return run.report

@@ -54,8 +54,7 @@ def distinct_view_sets(names: list[str], side: int, size: int) -> tuple[list[str
     {set left out: the earlier, cheaper set it equals}."""
     kept, same, seen = [], {}, {}
     for name in names:
-        views = frozenset((tta.crop_offset(v.crop, side, side, size), v.hflip, v.rot90)
-                          for v in tta.VIEW_SETS[name])
+        views = frozenset(tta.geometry(v, side, size) for v in tta.VIEW_SETS[name])
         if views in seen:
             same[name] = seen[views]
         else:
