@@ -1,5 +1,5 @@
 # Kaggle image-classification pipeline: each stage is a file target, so make reruns only what changed.
-# Usage: make demo | make all COMP=<comp> | make tune EXP=<config> | make test | make bench | make help
+# Usage: make demo | make lowdata | make all COMP=<comp> | make tune EXP=<config> | make test | make bench | make help
 # FORCE=1 reruns the goal's own stage (EXP=<name> picks one experiment), nothing upstream.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -21,12 +21,15 @@ SETUP := $(if $(filter $(VENV)/bin/python,$(PY)),$(STAMP))
 OVERRIDES := $(SET) $(if $(DEVICE),device=$(DEVICE))
 TRAIN := $(if $(filter-out 1,$(GPUS)),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(GPUS) -m pipeline.train,$(PY) -m pipeline.train)
 CONF := configs/$(COMP)
-EXPS := $(filter-out competition ensemble %.tune,$(basename $(notdir $(wildcard $(CONF)/*.yaml))))
+# An ensemble config lists its `experiments:`; every other config of COMP's folder is an experiment.
+ENSEMBLES := $(basename $(notdir $(shell grep -l '^experiments:' $(CONF)/*.yaml 2>/dev/null)))
+EXPS := $(filter-out competition $(ENSEMBLES) %.tune,$(basename $(notdir $(wildcard $(CONF)/*.yaml))))
 # EXP=<name> (or configs/<comp>/<name>.yaml) narrows train and predict to one experiment
 PICKED := $(if $(EXP),$(basename $(notdir $(EXP))),$(EXPS))
 OOFS := $(PICKED:%=runs/$(COMP)/%/oof.csv)
 TESTS := $(PICKED:%=runs/$(COMP)/%/test.csv)
 WEIGHTS := runs/$(COMP)/ensemble/weights.json
+ALL_WEIGHTS := $(ENSEMBLES:%=runs/$(COMP)/%/weights.json)
 SUBMISSION := submissions/$(COMP).csv
 PACKAGE ?= packages/$(COMP)
 PACKAGE_HALF ?=
@@ -45,14 +48,19 @@ $(error configs/$(COMP)/competition.yaml not found: COMP=$(COMP) is not a compet
 else ifneq ($(filter-out $(EXPS),$(PICKED)),)
 $(error EXP=$(EXP): no experiment configs/$(COMP)/$(PICKED).yaml (configs/$(COMP) has: $(EXPS)))
 endif
+# The runs each run needs first (an ensemble's members, a learner's sources), from the configs.
+-include runs/$(COMP)/deps.mk
 endif
+
+runs/$(COMP)/deps.mk: $(wildcard $(CONF)/*.yaml) $(CONF) | $(SETUP)
+	@$(PY) -m pipeline.folds $(CONF)/competition.yaml --deps $@ $(OVERRIDES)
 
 # FORCE=1: the goals' own targets are out of date whatever their times (train starts a fresh
 # version: the finished one moves to the history); nothing upstream is.
 FORCED_folds = folds/$(COMP).csv
 FORCED_train = $(OOFS)
 FORCED_predict = $(TESTS)
-FORCED_ensemble = $(WEIGHTS)
+FORCED_ensemble = $(ALL_WEIGHTS)
 FORCED_submit = $(SUBMISSION)
 FORCED_package = packages/$(COMP)/manifest.json
 ifneq ($(FORCE),)
@@ -66,7 +74,7 @@ unchanged = @if [ -n "$(strip $(OVERRIDES))" ] && [ -z "$$(find $(1) -newermt @$
 
 LITE0 := weights/tf_efficientnet_lite0.safetensors
 
-.PHONY: FORCE help setup demo all folds train predict ensemble submit package infer tune leaderboard prune test bench reports preview weights clean
+.PHONY: FORCE help setup demo lowdata all folds train predict ensemble submit package infer tune leaderboard prune test bench reports preview weights clean
 
 help: ## list the targets
 	@grep -hE '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -78,8 +86,8 @@ $(STAMP): requirements.txt
 
 setup: $(SETUP) ## create .venv from requirements.txt
 
-data/digits/solution.csv: | $(SETUP)
-	$(PY) -m pipeline.demo build
+data/%/solution.csv: | $(SETUP)
+	$(PY) -m pipeline.demo build --comp $*
 
 # Before any stage: every config of the competition validated, and the data's hashes, rewritten
 # only when the train table, the train images or the test images changed (quick: decode checks
@@ -97,7 +105,7 @@ runs/%/oof.csv: configs/%.yaml configs/$$(*D)/competition.yaml folds/$$(*D).csv 
 runs/%/test.csv: runs/%/oof.csv runs/$$(*D)/test-data.json
 	$(PY) -m pipeline.predict configs/$*.yaml $(OVERRIDES)
 
-$(WEIGHTS): $(CONF)/ensemble.yaml $(EXPS:%=runs/$(COMP)/%/test.csv)
+runs/%/weights.json: configs/%.yaml | $(SETUP)
 	$(PY) -m pipeline.ensemble $< $(OVERRIDES)
 
 $(SUBMISSION): $(WEIGHTS)
@@ -109,12 +117,12 @@ train: $(OOFS) ## train every experiment of COMP (or EXP=<name>) on every fold
 	$(call unchanged,$^)
 predict: $(TESTS) ## TTA predictions: OOF and test, per experiment (or EXP=<name>)
 	$(call unchanged,$^)
-ensemble: $(WEIGHTS) ## choose the blend on the OOF
+ensemble: $(ALL_WEIGHTS) ## choose each ensemble's blend on the OOF (ensemble.yaml's is submitted)
 	$(call unchanged,$^)
 submit: $(SUBMISSION) ## write submissions/$(COMP).csv
 	$(call unchanged,$^)
-all: $(SUBMISSION) ## folds, train, predict, ensemble, submit for COMP
-	$(call unchanged,$(SUBMISSION) $(WEIGHTS) $(TESTS) $(OOFS))
+all: $(SUBMISSION) $(TESTS) $(ALL_WEIGHTS) ## folds, train, predict, ensemble (every config of COMP), submit
+	$(call unchanged,$(SUBMISSION) $(ALL_WEIGHTS) $(TESTS) $(OOFS))
 
 packages/$(COMP)/manifest.json: $(WEIGHTS)
 	$(PY) -m pipeline.package $(CONF)/ensemble.yaml $(if $(PACKAGE_HALF),--half) $(OVERRIDES)
@@ -155,6 +163,11 @@ preview: $(SETUP) ## PNG grid of original vs augmented samples (EXP=configs/<com
 demo: $(SETUP) $(LITE0) data/digits/solution.csv ## build the digits demo and run the whole chain
 	$(MAKE) --no-print-directory all COMP=digits PY=$(PY)
 	$(PY) -m pipeline.demo score
+
+lowdata: $(SETUP) $(LITE0) data/lowdata/solution.csv ## the low-data digits: every technique vs without it -> reports/techniques.md (slow)
+	$(MAKE) --no-print-directory all COMP=lowdata PY=$(PY)
+	$(PY) -m pipeline.demo score --comp lowdata
+	$(PY) -m pipeline.bench.report_techniques
 
 test: $(SETUP) ## run the test suite
 	$(PY) -m pytest -q tests

@@ -1,7 +1,7 @@
 """Stage 6: a self-contained inference package for a code competition -> packages/<comp>/.
 
 Holds all that `python -m pipeline.infer` needs and nothing else (pipeline.packaging.build):
-each blended experiment's fold weights (`--half`: float16) and prediction spec, the blend,
+each blended experiment's test models' weights (`--half`: float16) and prediction spec, the blend,
 the task, classes and submission format, a wheel of this project's code, and manifest.json
 with every file's sha256 and the library versions used. A finished package is only ever
 replaced by a complete one.

@@ -161,3 +161,23 @@ def test_label_noise_lists_rows_most_confident_first_or_does_not_apply(case):
     assert (noise["confidence"] >= 0.5).all() and noise["confidence"].is_monotonic_decreasing
     assert noise["row"].between(0, N - 1).all()
     assert all(isinstance(p, str) for p in noise["predicted"])
+
+
+def test_labels_in_prediction_space_give_the_labels_loss_and_harden_to_decisions(case):
+    """Soft targets (a teacher's, a pseudo-label's) go through the same loss: the labels as
+    predictions, each row's loss weight 1, give exactly the labels' loss; weights scale rows."""
+    task, y, pred = case
+    logits = torch.from_numpy(RNG.normal(0, 1, (N, task.n_outputs))).float()
+    as_pred = task.as_predictions(y)
+    assert as_pred.shape == pred.shape and as_pred.dtype == np.float64
+    soft = torch.from_numpy(np.c_[as_pred, np.ones(N)]).float()
+    torch.testing.assert_close(task.soft_loss(logits, soft),
+                               task.loss(logits, torch.from_numpy(np.array(y))))
+    half = soft.clone()
+    half[:, -1] = 0.5
+    torch.testing.assert_close(task.soft_loss(logits, half), task.soft_loss(logits, soft) / 2)
+    hard = task.harden(pred)
+    assert hard.shape == pred.shape
+    if task.predicts != "values":
+        np.testing.assert_array_equal(hard, task.as_predictions(task.decide(pred)))
+    assert ((task.confidence(pred) >= 0) & (task.confidence(pred) <= 1)).all()

@@ -209,12 +209,11 @@ def nested(cfg: EnsembleConfig, rows: Rows) -> Nested:
     return Nested(choices, out, metrics.cv(cfg.metric, rows.task, rows.y, rows.folds, out))
 
 
-def describe(choice: Choice, names: list[str], coefficients: bool = True) -> dict:
-    """A choice as weights.json records it: a stack's meta-model with its coefficients (what
-    submit and the package apply), or without them (`coefficients` False: a nested fold's)."""
+def describe(choice: Choice, names: list[str]) -> dict:
+    """A choice as weights.json records it, a stack's meta-model with its coefficients: what
+    submit and the package apply, and for a nested fold, what a learner's fold applies to
+    learn from this ensemble (pipeline.training.teacher)."""
     meta = None if choice.meta is None else choice.meta.to_json()
-    if meta is not None and not coefficients:
-        meta = dict(model=meta["model"], strength=meta["strength"])
     return dict(weights=dict(zip(names, np.asarray(choice.weights).tolist())), mode=choice.mode,
                 weights_choice=choice.weights_choice, stack=meta,
                 stack_cv=None if choice.stack_cv is None else
@@ -248,7 +247,7 @@ def evaluate(cfg: EnsembleConfig, data: Inputs, study: optuna.Study) -> dict:
         cv=headline.headline, cv_basis=basis, nested_cv=None if honest is None else dict(
             cv=honest.cv.headline, pooled=honest.cv.pooled, fold_mean=honest.cv.fold_mean,
             per_fold=honest.cv.per_fold,
-            folds={f: describe(c, data.names, False) for f, c in honest.choices.items()}),
+            folds={f: describe(c, data.names) for f, c in honest.choices.items()}),
         in_sample_cv=in_sample.headline, equal_weights_cv=equal.headline,
         single_cv={n: cv.headline for n, cv in single.items()},
         best_single=metrics.best_key(metric, {n: cv.headline for n, cv in single.items()}),

@@ -133,6 +133,15 @@ class FinetuneConfig(Strict):
     warmup_epochs: float = Field(0.0, ge=0)
 
 
+class AverageConfig(Strict):
+    """Checkpoint averaging (pipeline.training.averaging): the weights of the `last` k epochs
+    (SWA-like), of the `best` k by validation score, or a `greedy` soup of the best k (each
+    added while the validation score does not drop); BatchNorm statistics recomputed."""
+
+    checkpoints: int = Field(ge=2)
+    of: Literal["last", "best", "greedy"] = "last"
+
+
 class TrainConfig(Strict):
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -154,6 +163,22 @@ class TrainConfig(Strict):
     sync_bn: bool = False  # SyncBatchNorm across GPUs under torchrun
     deterministic: bool = False  # torch's deterministic algorithms on GPU (slower)
     augment_on: Literal["auto", "loader", "device"] = "auto"  # auto: the device when it is a GPU
+    average: AverageConfig | None = None  # checkpoint averaging at the end of each fold
+    # best: the epoch (or average) scoring best on the fold's validation rows; last: the last
+    # epoch's weights, no choice made on those rows (a fold model blind to its fold's labels)
+    keep: Literal["best", "last"] = "best"
+
+    @field_validator("keep")
+    @classmethod
+    def _keep_last_chooses_nothing(cls, keep, info):
+        average = info.data.get("average")
+        if keep == "last" and info.data.get("patience"):
+            raise ValueError("last keeps the last epoch; train.patience would choose when to "
+                             "stop on the validation rows: remove one")
+        if keep == "last" and average is not None and average.of != "last":
+            raise ValueError(f"last keeps the last epochs; train.average.of {average.of} "
+                             f"chooses epochs on the validation rows: use of: last")
+        return keep
 
 
 class AugmentConfig(Strict):
@@ -204,6 +229,41 @@ class TuneConfig(Strict):
     keep: Literal["none", "logs", "all"] = "logs"
 
 
+class PseudoConfig(Strict):
+    """Pseudo-labelled test rows (pipeline.training.teacher): fold k learns them from the
+    `source`'s fold-k models only (an experiment or ensemble of this competition), so its CV
+    stays honest. `labels`: the source's probabilities (soft) or its decisions (hard);
+    `confidence`: test rows whose prediction is at least this sure; `share`: of those, this
+    share (seeded); `weight`: a pseudo-labelled row's loss weight; `rounds` > 1: each round
+    relabels with this experiment's own fold-k model of the round before."""
+
+    source: str
+    labels: Literal["soft", "hard"] = "soft"
+    confidence: float = Field(0.0, ge=0, le=1)
+    share: float = Field(1.0, gt=0, le=1)
+    weight: float = Field(1.0, gt=0)
+    rounds: int = Field(1, ge=1)
+
+
+class DistillConfig(Strict):
+    """A student learning the `teacher`'s predictions (an experiment or ensemble): each train
+    row's target is `alpha` x the teacher's fold-k prediction + (1 - alpha) x its label, from
+    the teacher's fold-k models (never the held-out fold's labels). With `pseudo`, the test rows
+    too."""
+
+    teacher: str
+    alpha: float = Field(1.0, ge=0, le=1)
+
+
+class RefitConfig(Strict):
+    """Full-data refit after the k-fold run: one model per seed on every train row, the epochs
+    of each stage taken from the folds' best epochs; its test predictions `join` the fold
+    models' or `replace` them. It has no OOF: the run's CV stays the k-fold models'."""
+
+    seeds: list[int] = Field([0], min_length=1)
+    use: Literal["join", "replace"] = "join"
+
+
 class ExperimentConfig(CompetitionConfig):
     experiment: str
     model: ModelConfig
@@ -211,7 +271,25 @@ class ExperimentConfig(CompetitionConfig):
     train: TrainConfig = TrainConfig()
     augment: AugmentConfig = AugmentConfig()
     tta: TTAConfig = TTAConfig()
+    pseudo: PseudoConfig | None = None
+    distill: DistillConfig | None = None
+    refit: RefitConfig | None = None
     tune: TuneConfig | None = Field(None, exclude=True)  # no part of the run's tag or dumps
+
+    @field_validator("refit")
+    @classmethod
+    def _refit_not_a_student(cls, refit, info):
+        if refit is not None and info.data.get("distill") is not None:
+            raise ValueError("a student (distill) has no refit: its teacher's targets for the "
+                             "train rows come from fold models, and no teacher covers every row")
+        return refit
+
+    @property
+    def sources(self) -> list[str]:
+        """The experiments and ensembles this one learns from (pseudo-labels, a teacher)."""
+        named = [self.pseudo.source if self.pseudo else None,
+                 self.distill.teacher if self.distill else None]
+        return list(dict.fromkeys(n for n in named if n))
 
 
 class EnsembleConfig(CompetitionConfig):
@@ -402,16 +480,33 @@ def load_ensemble(path: str | Path, overrides: list[str] | None = None) -> Ensem
     return _validate(EnsembleConfig, data, path)
 
 
-def check_folder(competition_path: str | Path, overrides: list[str] | None = None) -> None:
+def check_folder(competition_path: str | Path,
+                 overrides: list[str] | None = None) -> dict[str, ExperimentConfig | EnsembleConfig]:
     """Validate every config of a competition's folder (its experiments and ensembles; search
-    spaces are the tune stage's), so a typo stops make before any stage has run."""
-    for path in sorted(Path(competition_path).parent.glob("*.yaml")):
+    spaces are the tune stage's), so a typo stops make before any stage has run: each
+    ensemble's members are experiments (a member not written yet, e.g. a tuned config, is the
+    ensemble stage's to report), each source (`pseudo.source`, `distill.teacher`) another
+    experiment or ensemble of the folder. Returns {name: config}."""
+    folder = Path(competition_path).parent
+    configs: dict[str, ExperimentConfig | EnsembleConfig] = {}
+    for path in sorted(folder.glob("*.yaml")):
         if path.name == Path(competition_path).name or path.name.endswith(".tune.yaml"):
             continue
-        if "experiments" in read_yaml(path):
-            load_ensemble(path, overrides)
-        else:
-            load_experiment(path, overrides)
+        configs[path.stem] = (load_ensemble if "experiments" in read_yaml(path)
+                              else load_experiment)(path, overrides)
+    for name, cfg in configs.items():
+        named = ([("experiments", m) for m in cfg.experiments] if isinstance(cfg, EnsembleConfig)
+                 else [("pseudo.source", cfg.pseudo and cfg.pseudo.source),
+                       ("distill.teacher", cfg.distill and cfg.distill.teacher)])
+        for key, other in named:
+            wrong = ("this config" if other == name else
+                     None if key == "experiments" and other not in configs else
+                     "not a config of the folder" if other and other not in configs else
+                     "an ensemble, not an experiment" if key == "experiments" and
+                     isinstance(configs[other], EnsembleConfig) else None)
+            if other and wrong:
+                raise UserError(f"{folder / (name + '.yaml')}: {key}: {other!r} is {wrong}")
+    return configs
 
 
 def config_hash(cfg: BaseModel, exclude: set[str] | None = None) -> str:

@@ -6,12 +6,14 @@ runs/<comp>/leaderboard.{md,csv}  train-data.json test-data.json (the data's has
 runs/<comp>/<exp>/                        an experiment's current version (a Run)
   tag.txt config.json provenance.json scores.json oof.csv oof_tta.csv test.csv report.md *.png
   label_noise.csv
-  fold<k>/best.safetensors last.pt log.csv oof.csv
+  fold<k>/best.safetensors last.pt log.csv oof.csv  round<r>/ (earlier pseudo-label rounds)
+          epoch<e>.safetensors average.json teacher.csv
+  refit<seed>/best.safetensors last.pt log.csv  (full-data refits)
   tune/study.db best.json report.md *.png trial_<n>/
   history/<tag>/                          a past version, laid out as the current one
 runs/<comp>/<ensemble>/                   weights.json test.csv report.md study.db *.png
 packages/<comp>/                          manifest.json package.json blend.json <exp>/settings.json
-                                          <exp>/fold<k>.safetensors, the project's wheel
+                                          <exp>/fold<k>.safetensors refit<seed>.safetensors, the wheel
 submissions/<comp>.csv
 ```
 Paths are relative to the working folder (the project root when run by make).
@@ -22,6 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FOLDS, RUNS, PACKAGES, SUBMISSIONS = Path("folds"), Path("runs"), Path("packages"), Path("submissions")
+CONFIGS = Path("configs")
+
+
+def config_file(comp: str, name: str) -> Path:
+    """configs/<comp>/<name>.yaml: an experiment or ensemble of the competition."""
+    return CONFIGS / comp / f"{name}.yaml"
 
 
 def folds_file(comp: str) -> Path:
@@ -99,6 +107,9 @@ class Run:
     def fold_oof(self, k: int) -> Path:
         return self.fold(k) / FOLD_OOF
 
+    def refit(self, seed: int) -> Path:
+        return self.dir / f"refit{seed}"
+
     def fold_logs(self) -> dict[int, Path]:
         """{fold: its log.csv} for the folds that have one."""
         return {int(p.parent.name[len("fold"):]): p for p in sorted(self.dir.glob(f"fold*/{LOG}"))}
@@ -132,5 +143,6 @@ class Package:
     def settings(self, experiment: str) -> Path:
         return self.dir / experiment / "settings.json"
 
-    def weights(self, experiment: str, k: int) -> Path:
-        return self.dir / experiment / f"fold{k}.safetensors"
+    def weights(self, experiment: str, model: str) -> Path:
+        """An experiment's test model (fold<k>, refit<seed>)."""
+        return self.dir / experiment / f"{model}.safetensors"

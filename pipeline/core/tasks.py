@@ -113,15 +113,42 @@ class Task:
         fold's training targets `y` (none by default)."""
         return self
 
+    def as_predictions(self, y: np.ndarray, label_smoothing: float = 0.0) -> np.ndarray:
+        """Targets `y` in prediction space (what `activate` outputs), float64."""
+        raise NotImplementedError
+
+    def harden(self, pred: np.ndarray) -> np.ndarray:
+        """Predictions as decisions, in prediction space (hard pseudo-labels)."""
+        raise NotImplementedError
+
+    def row_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Each row's training loss against targets in prediction space."""
+        raise NotImplementedError
+
+    def soft_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The loss against targets in prediction space (what `activate` outputs: a teacher's
+        or a pseudo-label's probabilities or values), N x (columns + 1), the last column each
+        row's loss weight: the weighted mean of the rows' losses."""
+        return (self.row_loss(logits, targets[:, :-1]) * targets[:, -1]).mean()
+
+    def confidence(self, pred: np.ndarray) -> np.ndarray:
+        """How sure each prediction is, in [0, 1] (1 for values: every row qualifies)."""
+        return np.ones(len(pred))
+
     def finish(self, pred: np.ndarray) -> np.ndarray:
         """float64 predictions as stored (probability rows renormalised where they sum to 1)."""
         return np.asarray(pred, dtype=np.float64)
 
-    def mix(self, mixer, x: torch.Tensor, y: torch.Tensor):
-        """Mixup/cutmix for non-softmax targets: timm's batch mix gives lam, targets mix alike."""
+    def mix_soft(self, mixer, x: torch.Tensor, y: torch.Tensor):
+        """Mixup/cutmix of target vectors (soft targets, with their weights): timm's batch mix
+        gives lam, targets mix alike."""
         lam = mixer._mix_batch(x)
         y = y.float()
         return x, lam * y + (1 - lam) * y.flip(0)
+
+    def mix(self, mixer, x: torch.Tensor, y: torch.Tensor):
+        """Mixup/cutmix of labels: for non-softmax targets, as target vectors."""
+        return self.mix_soft(mixer, x, y)
 
     def threshold_kind(self, metric) -> str | None:
         """Which decision thresholds `metric` can have tuned on this task (pipeline.core.thresholds):
@@ -194,6 +221,19 @@ class _Classes(Task):
         prior = np.bincount(y, minlength=len(self.columns)) / len(y)
         return np.tile(prior, (len(y), 1))
 
+    def as_predictions(self, y: np.ndarray, label_smoothing: float = 0.0) -> np.ndarray:
+        """Targets in prediction space: one-hot class probabilities (smoothed as the loss
+        smooths labels)."""
+        k = len(self.columns)
+        return np.eye(k)[y] * (1 - label_smoothing) + label_smoothing / k
+
+    def confidence(self, pred: np.ndarray) -> np.ndarray:
+        return pred.max(1)
+
+    def harden(self, pred: np.ndarray) -> np.ndarray:
+        """Predictions as decisions in prediction space: the argmax class, one-hot."""
+        return np.eye(pred.shape[1])[pred.argmax(1)]
+
     def decide(self, pred: np.ndarray, thresholds=None) -> np.ndarray:
         """Class index per row: argmax, or the positive class at a scalar threshold."""
         if thresholds is not None and pred.shape[1] == 2:
@@ -243,6 +283,11 @@ class Multiclass(_Classes):
         weights = len(y) / (len(self.columns) * np.maximum(counts, 1))
         return dataclasses.replace(self, class_weights=tuple(weights.tolist()))
 
+    def row_loss(self, logits, targets):
+        w = _on(self.class_weights, logits.device)
+        log_p = F.log_softmax(logits, 1)
+        return -(targets * (log_p if w is None else w * log_p)).sum(1)
+
     def loss(self, logits, y, label_smoothing: float = 0.0):
         w = _on(self.class_weights, logits.device)
         if y.dim() == 2:  # mixed soft targets
@@ -280,6 +325,11 @@ class Binary(_Classes):
 
     def loss(self, logits, y, label_smoothing: float = 0.0):
         return _bce(logits[:, 0], y, label_smoothing, self.pos_weight)
+
+    def row_loss(self, logits, targets):
+        return F.binary_cross_entropy_with_logits(
+            logits[:, 0], targets[:, 1], pos_weight=_on(self.pos_weight, logits.device),
+            reduction="none")
 
     def activate(self, logits):
         p = torch.sigmoid(logits.float())
@@ -348,6 +398,21 @@ class Multilabel(Task):
 
     def loss(self, logits, y, label_smoothing: float = 0.0):
         return _bce(logits, y, label_smoothing, self.pos_weight)
+
+    def row_loss(self, logits, targets):
+        return F.binary_cross_entropy_with_logits(
+            logits, targets, pos_weight=_on(self.pos_weight, logits.device),
+            reduction="none").mean(1)
+
+    def as_predictions(self, y: np.ndarray, label_smoothing: float = 0.0) -> np.ndarray:
+        return np.asarray(y, dtype=np.float64) * (1 - label_smoothing) + 0.5 * label_smoothing
+
+    def confidence(self, pred: np.ndarray) -> np.ndarray:
+        """The least sure label's: min over labels of max(p, 1 - p)."""
+        return np.maximum(pred, 1 - pred).min(1)
+
+    def harden(self, pred: np.ndarray) -> np.ndarray:
+        return (pred >= 0.5).astype(np.float64)
 
     def activate(self, logits):
         return torch.sigmoid(logits.float())
@@ -449,12 +514,22 @@ class Regression(Task):
         return (y - self.low) / (self.high - self.low)
 
     def loss(self, logits, y, label_smoothing: float = 0.0):
-        out, t = logits[:, 0].float(), self.scale(y.float())
+        return self.row_loss(logits, y[:, None]).mean()
+
+    def row_loss(self, logits, targets):
+        out, t = logits[:, 0].float(), self.scale(targets[:, 0].float())
         if self.loss_kind == "bce":
-            return F.binary_cross_entropy_with_logits(out, t)
+            return F.binary_cross_entropy_with_logits(out, t, reduction="none")
         if self.loss_kind == "huber":
-            return F.huber_loss(out, t, delta=0.1)
-        return F.mse_loss(out, t)
+            return F.huber_loss(out, t, delta=0.1, reduction="none")
+        return F.mse_loss(out, t, reduction="none")
+
+    def as_predictions(self, y: np.ndarray, label_smoothing: float = 0.0) -> np.ndarray:
+        """Targets in prediction space: the values (no smoothing)."""
+        return np.asarray(y, dtype=np.float64)[:, None]
+
+    def harden(self, pred: np.ndarray) -> np.ndarray:
+        return pred
 
     def activate(self, logits):
         out = logits.float()
@@ -525,6 +600,10 @@ class Ordinal(Regression):
     def decide(self, pred: np.ndarray, thresholds=None) -> np.ndarray:
         """The grade of each value at the cut points of `thresholds` (default: midpoints)."""
         return self.grade(np.asarray(pred).reshape(-1), None if thresholds is None else thresholds[1])
+
+    def harden(self, pred: np.ndarray) -> np.ndarray:
+        """Values as decisions: each the nearest grade."""
+        return self.grade(np.asarray(pred).reshape(-1)).astype(np.float64)[:, None]
 
     @property
     def label_names(self) -> list[str]:

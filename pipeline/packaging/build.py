@@ -1,8 +1,9 @@
 """Building an inference package from an ensemble's runs (`make package`): each blended
-experiment's fold weights (`half`: float16, loaded back as float32) and prediction spec (model,
-input, the TTA views its predict stage chose), the blend, the task, classes and submission
-format, a wheel of this project's code, and the manifest. Built in a temporary folder and
-renamed into place, so a finished package is only ever replaced by a complete one.
+experiment's test models' weights (its folds', its refits'; `half`: float16, loaded back as
+float32) and prediction spec (model, input, the TTA views its predict stage chose), the
+blend, the task, classes and submission format, a wheel of this project's code, and the
+manifest. Built in a temporary folder and renamed into place, so a finished package is only
+ever replaced by a complete one.
 """
 from __future__ import annotations
 
@@ -60,17 +61,16 @@ def chosen_views(exp: Experiment, scores: dict) -> str:
     return views
 
 
-def add_experiment(config: Path, pkg: layout.Package, half: bool) -> int:
-    """The experiment's prediction spec and fold weights in the package; returns its number
-    of folds."""
+def add_experiment(config: Path, pkg: layout.Package, half: bool) -> None:
+    """The experiment's prediction spec and test models (its folds', its refits') in the
+    package."""
     exp = prepare(load_experiment(config))
     views = chosen_views(exp, exp.trained_scores())
-    name, n_folds = exp.cfg.experiment, exp.cfg.folds.n_splits
-    for k in range(n_folds):
-        save_weights(exp.run.best(k), pkg.weights(name, k), half)
-    write_json(dict(exp.predict_spec([views]).to_json(), folds=n_folds,
-                    weights="float16" if half else "float32"), pkg.settings(name))
-    return n_folds
+    models = exp.test_checkpoints()
+    for model, path in models.items():
+        save_weights(path, pkg.weights(exp.cfg.experiment, model), half)
+    write_json(dict(exp.predict_spec([views]).to_json(), models=list(models),
+                    weights="float16" if half else "float32"), pkg.settings(exp.cfg.experiment))
 
 
 def describe(cfg: EnsembleConfig, comp: Competition, thresholds: dict | None = None) -> dict:
@@ -100,10 +100,10 @@ def build(cfg: EnsembleConfig, config_dir: Path, out: Path, half: bool) -> Path:
     tmp.chmod(0o777 & ~umask())  # mkdtemp's 0700 would keep the package from others
     pkg = layout.Package(tmp)
     try:
-        folds = {name: add_experiment(config_dir / f"{name}.yaml", pkg, half)
-                 for name in blend["experiments"]}
+        for name in blend["experiments"]:
+            add_experiment(config_dir / f"{name}.yaml", pkg, half)
         chosen = blend.pop("thresholds")
-        write_json(dict(blend, folds=folds), pkg.blend)
+        write_json(blend, pkg.blend)
         write_json(describe(cfg, comp, chosen), pkg.meta)
         build_wheel(tmp)
         created = dict(utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -39,6 +39,7 @@ class LoadedPackage:
     meta: dict  # package.json
     blend: dict  # blend.json
     specs: dict[str, PredictSpec]  # per experiment
+    models: dict[str, list[str]]  # per experiment: its test models (fold<k>, refit<seed>)
 
 
 def load_package(root: Path, max_batch: int | None = None) -> LoadedPackage:
@@ -49,11 +50,13 @@ def load_package(root: Path, max_batch: int | None = None) -> LoadedPackage:
     if differ:
         print(f"warning: package built with {', '.join(differ)}", file=sys.stderr)
     mix = json.loads(files.blend.read_text())
-    specs = {}
+    specs, models = {}, {}
     for name in mix["experiments"]:
-        ps = PredictSpec.from_json(json.loads(files.settings(name).read_text()))
+        settings = json.loads(files.settings(name).read_text())
+        ps = PredictSpec.from_json(settings)
         specs[name] = dataclasses.replace(ps, max_batch=max_batch) if max_batch else ps
-    return LoadedPackage(files, json.loads(files.meta.read_text()), mix, specs)
+        models[name] = settings["models"]
+    return LoadedPackage(files, json.loads(files.meta.read_text()), mix, specs, models)
 
 
 def read_sample(path: Path, pkg: LoadedPackage) -> SubmissionFormat:
@@ -75,7 +78,7 @@ def read_sample(path: Path, pkg: LoadedPackage) -> SubmissionFormat:
 
 @dataclass
 class Timing:
-    load_s: float = 0.0  # reading fold weights
+    load_s: float = 0.0  # reading the models' weights
     predict_s: float = 0.0  # decoding, views, models
 
 
@@ -90,7 +93,7 @@ def by_input(pkg: LoadedPackage) -> dict[tuple[int, int], list[str]]:
 
 def predict_package(pkg: LoadedPackage, paths: list[str], on: torch.device,
                     timing: Timing, bar: tqdm | None = None) -> list[np.ndarray]:
-    """Each experiment's test predictions, averaged over its folds (rows in `paths` order).
+    """Each experiment's test predictions, averaged over its test models (rows in `paths` order).
 
     The images are decoded and resized once per distinct input (side, channels) into a
     temporary uint8 cache, as the predict stage's, and every experiment reading that input
@@ -104,8 +107,8 @@ def predict_package(pkg: LoadedPackage, paths: list[str], on: torch.device,
             for name in names:
                 ps, rt = pkg.specs[name], Runtime.on(on, pkg.specs[name].precision)
                 started = time.perf_counter()
-                models = [load_model(ps, pkg.files.weights(name, k), on)
-                          for k in range(pkg.blend["folds"][name])]
+                models = [load_model(ps, pkg.files.weights(name, m), on)
+                          for m in pkg.models[name]]
                 timing.load_s += time.perf_counter() - started
                 started = time.perf_counter()
                 loader = make_loader(CachedImages(images, np.arange(len(paths)), None),
@@ -137,7 +140,7 @@ def blended(pkg: LoadedPackage, per_experiment: list[np.ndarray]) -> np.ndarray:
 
 
 def estimate(pkg: LoadedPackage, paths: list[str], n: int, on: torch.device) -> str:
-    """How long `n` images would take: the time to load the fold weights, plus `n` times the
+    """How long `n` images would take: the time to load the models' weights, plus `n` times the
     per-image time measured on a sample of one full batch (per image, a smaller batch can take
     twice as long), in a second pass over it (the first warms up the kernels)."""
     sample = paths[:max(ps.images_per_batch for ps in pkg.specs.values())]

@@ -32,6 +32,7 @@ from pipeline.models.predictor import (FoldModel, PredictSpec, experiment_spec, 
                                        predict_batches)
 from pipeline.runtime import device
 from pipeline.runtime.device import Runtime
+from pipeline.training import sources
 
 
 def seed_everything(seed: int) -> None:
@@ -108,9 +109,10 @@ class Experiment:
         if scores.get("tag") != self.tag:
             raise UserError(f"{run.dir}: trained with {scores.get('tag')}, config is now "
                             f"{self.tag}; retrain it (`make train COMP={self.cfg.name}`)")
-        for k in range(self.cfg.folds.n_splits):
-            if not run.best(k).is_file():
-                raise UserError(f"{run.best(k)}: not found; train experiment "
+        for path in [run.best(k) for k in range(self.cfg.folds.n_splits)] + \
+                list(self.test_checkpoints().values()):
+            if not path.is_file():
+                raise UserError(f"{path}: not found; train experiment "
                                 f"{self.cfg.experiment} first")
         return scores
 
@@ -126,13 +128,24 @@ class Experiment:
             print(f"{self.cfg.experiment}: fold {k} predicted", file=sys.stderr)
         return oof
 
+    def test_checkpoints(self) -> dict[str, Path]:
+        """{name: best weights} of the models that predict the test set: fold<k> for every
+        fold, and refit<seed> for every full-data refit (instead of the folds' with
+        `refit.use: replace`); each counts alike in the mean."""
+        cfg, run = self.cfg, self.run
+        folds = {f"fold{k}": run.best(k) for k in range(cfg.folds.n_splits)}
+        if not cfg.refit:
+            return folds
+        refits = {run.refit(s).name: run.refit(s) / layout.BEST for s in cfg.refit.seeds}
+        return refits if cfg.refit.use == "replace" else {**folds, **refits}
+
     def predict_test(self, view_sets: list[str]) -> dict[str, np.ndarray]:
-        """{view set: test predictions averaged over folds}: every fold model on every test
-        row, exactly as `infer` predicts them from a package."""
+        """{view set: test predictions averaged over the test models (test_checkpoints)}:
+        every one on every test row, exactly as `infer` predicts them from a package."""
         cfg = self.cfg
         images = image_cache(list(self.comp.test["path"]), self.side, cfg.data.channels,
                              cfg.data.cache_dir)
-        models = [self.fold_model(k) for k in range(cfg.folds.n_splits)]
+        models = [self.fold_model(0, path) for path in self.test_checkpoints().values()]
         predicted = self.predict(models, images, np.arange(len(self.comp.test)),
                                  self.predict_spec(view_sets))
         return {v: tta.average_folds(p) for v, p in predicted.items()}
@@ -147,9 +160,11 @@ class Experiment:
 def run_tag(cfg: ExperimentConfig, comp: Competition) -> str:
     """The run's identity: its resolved config (less TTA, which needs no retraining, and the
     device, which does not change what is trained), the fold file's bytes and the train data
-    (targets and image files): `<config>-<folds>-<data>`."""
-    return (f"{config_hash(cfg, exclude={'tta', 'device'})}-{file_hash(layout.folds_file(cfg.name))}"
-            f"-{data_identity(comp)['train']}")
+    (targets and image files): `<config>-<folds>-<data>`, and `-<sources>` for an experiment
+    learning from others (pipeline.training.sources)."""
+    tag = (f"{config_hash(cfg, exclude={'tta', 'device'})}-{file_hash(layout.folds_file(cfg.name))}"
+           f"-{data_identity(comp)['train']}")
+    return f"{tag}-{sources.identity(cfg)}" if cfg.sources else tag
 
 
 def prepare(cfg: ExperimentConfig, rt: Runtime | None = None) -> Experiment:

@@ -4,7 +4,9 @@
 model (its EMA when set) through the one inference path, then the end-of-epoch hooks in a
 fixed order, which resume and determinism depend on:
 
-1. `keep_best`: a better validation score is kept, and its weights written to best.safetensors;
+1. `keep_best`: a better validation score is kept, and its weights written to best.safetensors
+   (with `train.average`, then `averaging.keep_checkpoint` keeps the epoch's weights while
+   they are a candidate for the average made when the fold's stages are done);
 2. `advance`: the loop moves to the next epoch, or the next stage when this one is done or
    early stopping (`train.patience`) ends it;
 3. `save_progress`: log.csv and last.pt (model, optimizer, EMA, loss scaler, loop state) are
@@ -41,6 +43,7 @@ from pipeline.data.loader import CachedImages, DeviceBatches, EpochLoaders, make
 from pipeline.models import finetune
 from pipeline.models.factory import create_model
 from pipeline.models.predictor import FoldModel, save_checkpoint
+from pipeline.training import averaging
 from pipeline.training.checkpoints import load_last, save_last
 from pipeline.training.experiment import Experiment, seed_everything
 
@@ -92,8 +95,9 @@ class Fold:
     scaler: torch.amp.GradScaler | None
     mix: Mixup | None
     dataset: CachedImages  # the training rows, augmented
-    val_rows: np.ndarray
+    val_rows: np.ndarray  # none for a full-data refit
     steps: int  # optimizer steps per epoch
+    soft: bool = False  # targets in prediction space with a loss weight (FoldData.targets)
     trained: torch.nn.Module | None = None  # what batches go through: DDP, compiled
     trained_groups: int = 0  # the trainable groups `trained` was wrapped for
 
@@ -113,6 +117,36 @@ class Fold:
     @property
     def evaluated(self) -> FoldModel:
         return FoldModel(self.weights, self.task)
+
+    @property
+    def chooses(self) -> bool:
+        """Whether the fold keeps what scores best on its validation rows (`train.keep: best`
+        and rows to score: not a refit)."""
+        return self.exp.cfg.train.keep == "best" and len(self.val_rows) > 0
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, trained: torch.nn.Module) -> torch.Tensor:
+        """The batch's training loss, mixed (mixup/cutmix) where configured: labels through the
+        task's loss, soft targets (with their weights, mixed alike) through its soft loss."""
+        if self.mix is not None:
+            x, y = self.task.mix_soft(self.mix, x, y) if self.soft else self.task.mix(self.mix, x, y)
+        out = trained(x).float()
+        if self.soft:
+            return self.task.soft_loss(out, y)
+        return self.task.loss(out, y, self.exp.cfg.train.label_smoothing)
+
+
+@dataclass(frozen=True)
+class FoldData:
+    """What a fold trains on when it is not its training rows with their labels: rows of an
+    image cache with targets in prediction space, a loss weight each (pipeline.training.teacher;
+    None: the labels), the rows it is validated on (none for a refit) and its stages (a
+    refit's, from the folds' best epochs)."""
+
+    images: np.ndarray
+    rows: np.ndarray
+    targets: np.ndarray | None
+    val_rows: np.ndarray
+    plan: list[finetune.Stage] | None = None
 
 
 def init_model(exp: Experiment, fold: int) -> torch.nn.Module:
@@ -147,10 +181,13 @@ def augment_on_device(exp: Experiment) -> bool:
     return where == "device" or (where == "auto" and exp.rt.cuda)
 
 
-def train_dataset(exp: Experiment, fold: int, rows: np.ndarray) -> CachedImages:
-    """The fold's training rows with the experiment's augmentation, seeded per fold."""
+def train_dataset(exp: Experiment, fold: int, rows: np.ndarray, images: np.ndarray | None = None,
+                  targets: np.ndarray | None = None) -> CachedImages:
+    """The fold's training rows with the experiment's augmentation, seeded per fold: rows of
+    the train image cache with their labels, or of `images` with `targets`."""
     cfg = exp.cfg
-    return CachedImages(exp.images, rows, exp.comp.y[rows],
+    return CachedImages(exp.images if images is None else images, rows,
+                        exp.comp.y[rows] if targets is None else targets,
                         train_transform(cfg.augment, cfg.image_size, cfg.seed), cfg.seed + fold,
                         defer=augment_on_device(exp))
 
@@ -166,23 +203,27 @@ def epoch_loader(exp: Experiment, dataset: CachedImages, fold: int, epoch: int):
                        limit=micro_batches(len(dataset), tc, world.size), **exp.rt.loader_options())
 
 
-def start_fold(exp: Experiment, fold: int, fold_dir: Path) -> Fold:
-    """Fold `fold`'s model (seeded), layer groups, stage plan, optimizer, EMA, loss scaler,
-    mixer and data."""
+def start_fold(exp: Experiment, fold: int, fold_dir: Path, data: FoldData | None = None) -> Fold:
+    """Fold `fold`'s model (seeded by `fold`), layer groups, stage plan, optimizer, EMA, loss
+    scaler, mixer and data: the rows of the other folds with their labels, or `data`."""
     cfg, tc, rt = exp.cfg, exp.cfg.train, exp.rt
-    train_rows = np.flatnonzero(exp.folds != fold)
-    if rt.distributed and len(train_rows) < tc.batch_size * rt.world.size:
+    if data is None:
+        data = FoldData(exp.images, np.flatnonzero(exp.folds != fold), None,
+                        np.flatnonzero(exp.folds == fold))
+    labelled = data.rows[data.rows < len(exp.comp.y)]  # the train rows (pseudo rows follow)
+    if rt.distributed and len(data.rows) < tc.batch_size * rt.world.size:
         raise UserError(f"train.batch_size: {tc.batch_size} x {rt.world.size} processes is more "
-                        f"than fold {fold}'s {len(train_rows)} training images")
+                        f"than fold {fold}'s {len(data.rows)} training images")
     model = init_model(exp, fold)
     groups = finetune.layer_groups(model)
-    return Fold(exp, fold, fold_dir, exp.comp.task.fit(exp.comp.y[train_rows]), model, groups,
-                finetune.stage_plan(cfg, len(train_rows), len(groups)),
+    return Fold(exp, fold, fold_dir, exp.comp.task.fit(exp.comp.y[labelled]), model, groups,
+                data.plan or finetune.stage_plan(cfg, len(data.rows), len(groups)),
                 build_optimizer(cfg, model, groups),
                 ModelEmaV3(model, decay=tc.ema_decay) if tc.ema_decay else None,
                 rt.grad_scaler(), make_mixer(cfg, len(exp.comp.classes)),
-                train_dataset(exp, fold, train_rows), np.flatnonzero(exp.folds == fold),
-                steps_per_epoch(len(train_rows), tc.batch_size, tc.accumulate, rt.world.size))
+                train_dataset(exp, fold, data.rows, data.images, data.targets), data.val_rows,
+                steps_per_epoch(len(data.rows), tc.batch_size, tc.accumulate, rt.world.size),
+                data.targets is not None)
 
 
 def train_epoch(f: Fold, state: LoopState, loader, lr_factors: list[float], first_trainable: int,
@@ -203,9 +244,7 @@ def train_epoch(f: Fold, state: LoopState, loader, lr_factors: list[float], firs
             finetune.set_lrs(f.optimizer, lr_factors[i // tc.accumulate], first_trainable)
             first_lrs = first_lrs or finetune.group_lr_row(f.optimizer)
         with rt.no_sync(trained, not last), rt.autocast():
-            if f.mix is not None:
-                x, y = f.task.mix(f.mix, x, y)
-            loss = f.task.loss(trained(x).float(), y, tc.label_smoothing)
+            loss = f.loss(x, y, trained)
         if first:  # the last step's gradients are freed only now: their memory serves this one's
             f.optimizer.zero_grad(set_to_none=True)
         rt.backward(loss / tc.accumulate if tc.accumulate > 1 else loss, f.scaler)
@@ -240,7 +279,7 @@ def begin_epoch(f: Fold, state: LoopState, loaders: EpochLoaders):
 
 def run_epoch(f: Fold, state: LoopState, loaders: EpochLoaders) -> dict:
     """Train the current epoch and evaluate it; returns its log row."""
-    cfg, tc, rt, task = f.exp.cfg, f.exp.cfg.train, f.exp.rt, f.exp.comp.task
+    cfg, tc, rt = f.exp.cfg, f.exp.cfg.train, f.exp.rt
     stage = f.plan[state.stage]
     started = time.perf_counter()
     loader = begin_epoch(f, state, loaders)
@@ -254,26 +293,31 @@ def run_epoch(f: Fold, state: LoopState, loaders: EpochLoaders) -> dict:
     if f.ema is not None:  # the next epoch starts from rank 0's statistics on every rank
         rt.broadcast_buffers(f.model)
     rt.broadcast_buffers(f.weights)  # every rank evaluates what rank 0 saves
-    y = f.exp.comp.y[f.val_rows]
+    val_loss, val_metric = evaluate(f, state) if len(f.val_rows) else (np.nan, np.nan)
+    images = len(loader) * tc.batch_size * rt.world.size
+    return dict(epoch=f.epoch_index(state), stage=state.stage, stage_epoch=state.epoch,
+                trainable_groups=stage.trainable, train_loss=loss, val_loss=val_loss,
+                val_metric=val_metric, **lrs, seconds=round(time.perf_counter() - started, 2),
+                images_per_s=round(images / train_seconds, 1),
+                peak_mem_mb=round(rt.peak_memory_mb(), 1))
+
+
+def evaluate(f: Fold, state: LoopState) -> tuple[float, float]:
+    """(validation loss, validation metric) of the evaluated weights on the fold's rows."""
+    task, y = f.exp.comp.task, f.exp.comp.y[f.val_rows]
     pred = f.exp.predict_plain(f.evaluated, f.val_rows)
     if not np.isfinite(pred).all():
         raise UserError(f"fold {f.index} stage {state.stage} epoch {state.epoch + 1}: the "
                         f"validation predictions are not finite: training diverged; lower "
                         f"train.lr, or set train.precision=fp32")
-    images = len(loader) * tc.batch_size * rt.world.size
-    return dict(epoch=f.epoch_index(state), stage=state.stage, stage_epoch=state.epoch,
-                trainable_groups=stage.trainable, train_loss=loss,
-                val_loss=metrics.score(task.loss_metric, task, y, pred),
-                val_metric=metrics.score(cfg.metric, task, y, pred),
-                **lrs, seconds=round(time.perf_counter() - started, 2),
-                images_per_s=round(images / train_seconds, 1),
-                peak_mem_mb=round(rt.peak_memory_mb(), 1))
+    return (metrics.score(task.loss_metric, task, y, pred),
+            metrics.score(f.exp.cfg.metric, task, y, pred))
 
 
 def keep_best(f: Fold, state: LoopState, row: dict) -> None:
     """The first epoch's weights are kept whatever its score (an undefined one included), later
-    ones when they score better."""
-    first = state.best == metrics.worst(f.exp.cfg.metric)
+    ones when they score better; the last epoch's when the fold does not choose (Fold.chooses)."""
+    first = state.best == metrics.worst(f.exp.cfg.metric) or not f.chooses
     if first or metrics.better(f.exp.cfg.metric, row["val_metric"], state.best):
         state.best, state.bad_epochs = row["val_metric"], 0
         if f.exp.rt.world.primary:
@@ -341,16 +385,17 @@ def resume(f: Fold) -> tuple[LoopState, list[dict]]:
 
 def train_fold(exp: Experiment, fold: int, fold_dir: Path, stop_after_epochs: int | None = None,
                progress: Progress | None = None,
-               on_epoch: Callable[[int, float], None] | None = None) -> None:
+               on_epoch: Callable[[int, float], None] | None = None,
+               data: FoldData | None = None) -> None:
     """Train one fold through its stages; leaves best.safetensors, last.pt and log.csv.
 
     Resumes from `last.pt` when it was written with the same tag. `stop_after_epochs` ends this
     call after that many epochs, exactly as an interruption after an epoch would. Early
     stopping ends the current stage; the next stage still runs. `on_epoch(epoch over all
     stages, validation score)` is called last in each epoch; an exception it raises ends the
-    fold.
+    fold. `data`: what the fold trains and is validated on, when not its folds' rows (FoldData).
     """
-    f = start_fold(exp, fold, fold_dir)
+    f = start_fold(exp, fold, fold_dir, data)
     state, log = resume(f)
     progress = progress or Progress(1)
     progress.fold(f.n_epochs, f.epoch_index(state) if state.step else 0)
@@ -361,8 +406,12 @@ def train_fold(exp: Experiment, fold: int, fold_dir: Path, stop_after_epochs: in
             row = run_epoch(f, state, loaders)
             log.append(row)
             keep_best(f, state, row)
+            if exp.cfg.train.average:
+                averaging.keep_checkpoint(f, log)
             advance(f, state)
             save_progress(f, state, log)
             report(f, row, progress)
             if on_epoch is not None:
                 on_epoch(row["epoch"], row["val_metric"])
+    if exp.cfg.train.average and state.stage >= len(f.plan):
+        averaging.average_fold(f, state, log)
