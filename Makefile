@@ -1,5 +1,5 @@
 # Kaggle image-classification pipeline: each stage is a file target, so make reruns only what changed.
-# Usage: make demo | make lowdata | make all COMP=<comp> | make tune EXP=<config> | make test | make bench | make help
+# Usage: make demo | make lowdata | make all COMP=<comp> | make auto COMP=<comp> BUDGET=30m | make tune EXP=<config> | make test | make bench | make help
 # FORCE=1 reruns the goal's own stage (EXP=<name> picks one experiment), nothing upstream.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -13,6 +13,7 @@ SET ?=
 DEVICE ?=
 GPUS ?= 1
 KEEP ?=
+BUDGET ?=
 VENV := .venv
 PY ?= $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -23,7 +24,7 @@ TRAIN := $(if $(filter-out 1,$(GPUS)),$(PY) -m torch.distributed.run --standalon
 CONF := configs/$(COMP)
 # An ensemble config lists its `experiments:`; every other config of COMP's folder is an experiment.
 ENSEMBLES := $(basename $(notdir $(shell grep -l '^experiments:' $(CONF)/*.yaml 2>/dev/null)))
-EXPS := $(filter-out competition $(ENSEMBLES) %.tune,$(basename $(notdir $(wildcard $(CONF)/*.yaml))))
+EXPS := $(filter-out competition auto $(ENSEMBLES) %.tune,$(basename $(notdir $(wildcard $(CONF)/*.yaml))))
 # EXP=<name> (or configs/<comp>/<name>.yaml) narrows train and predict to one experiment
 PICKED := $(if $(EXP),$(basename $(notdir $(EXP))),$(EXPS))
 OOFS := $(PICKED:%=runs/$(COMP)/%/oof.csv)
@@ -38,7 +39,7 @@ SAMPLE ?=
 OUT ?= submissions/$(COMP)-infer.csv
 
 # Targets that work on one competition: refuse, in one line, a missing or unknown COMP or EXP.
-COMP_GOALS := all folds train predict ensemble submit package leaderboard prune
+COMP_GOALS := all auto folds train predict ensemble submit package leaderboard prune
 COMPS := $(notdir $(patsubst %/competition.yaml,%,$(wildcard configs/*/competition.yaml)))
 ifneq ($(filter $(COMP_GOALS),$(MAKECMDGOALS)),)
 ifeq ($(COMP),)
@@ -48,8 +49,16 @@ $(error configs/$(COMP)/competition.yaml not found: COMP=$(COMP) is not a compet
 else ifneq ($(filter-out $(EXPS),$(PICKED)),)
 $(error EXP=$(EXP): no experiment configs/$(COMP)/$(PICKED).yaml (configs/$(COMP) has: $(EXPS)))
 endif
-# The runs each run needs first (an ensemble's members, a learner's sources), from the configs.
+ifneq ($(filter auto,$(MAKECMDGOALS)),)
+ifeq ($(BUDGET),)
+$(error BUDGET is not set: say how long, e.g. make auto COMP=$(COMP) BUDGET=30m (90s, 2h, 1h30m))
+endif
+endif
+# The runs each run needs first (an ensemble's members, a learner's sources), from the configs
+# (not for auto alone: regenerating it restarts make, and auto's clock starts with make).
+ifneq ($(filter-out auto,$(filter $(COMP_GOALS),$(MAKECMDGOALS))),)
 -include runs/$(COMP)/deps.mk
+endif
 endif
 
 runs/$(COMP)/deps.mk: $(wildcard $(CONF)/*.yaml) $(CONF) | $(SETUP)
@@ -74,7 +83,7 @@ unchanged = @if [ -n "$(strip $(OVERRIDES))" ] && [ -z "$$(find $(1) -newermt @$
 
 LITE0 := weights/tf_efficientnet_lite0.safetensors
 
-.PHONY: FORCE help setup demo lowdata all folds train predict ensemble submit package infer tune leaderboard prune test bench reports preview weights clean
+.PHONY: FORCE help setup demo lowdata all auto folds train predict ensemble submit package infer tune leaderboard prune test bench reports preview weights clean
 
 help: ## list the targets
 	@grep -hE '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -123,6 +132,9 @@ submit: $(SUBMISSION) ## write submissions/$(COMP).csv
 	$(call unchanged,$^)
 all: $(SUBMISSION) $(TESTS) $(ALL_WEIGHTS) ## folds, train, predict, ensemble (every config of COMP), submit
 	$(call unchanged,$(SUBMISSION) $(ALL_WEIGHTS) $(TESTS) $(OOFS))
+
+auto: folds/$(COMP).csv | $(SETUP) ## the best submission BUDGET allows from competition.yaml alone (BUDGET=30m; reruns resume)
+	$(PY) -m pipeline.auto $(CONF)/competition.yaml --budget $(BUDGET) --since $(MAKE_START) $(OVERRIDES)
 
 packages/$(COMP)/manifest.json: $(WEIGHTS)
 	$(PY) -m pipeline.package $(CONF)/ensemble.yaml $(if $(PACKAGE_HALF),--half) $(OVERRIDES)

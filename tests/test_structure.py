@@ -46,9 +46,9 @@ def stage_of(name: str) -> str | None:
 
 def test_the_tree_is_commands_on_top_of_a_library_grouped_by_concern():
     assert {"folds", "train", "predict", "ensemble", "submit", "package", "infer", "tune",
-            "leaderboard", "prune", "demo", "preview", "imagenet"} <= STAGES
+            "leaderboard", "prune", "demo", "preview", "imagenet", "auto"} <= STAGES
     assert {"core", "data", "runtime", "models", "training", "blending", "tuning", "reports",
-            "packaging", "datasets", "bench"} == SUBPACKAGES
+            "packaging", "datasets", "bench", "planning"} == SUBPACKAGES
 
 
 def test_no_stage_imports_another_stage_and_the_library_imports_no_stage():

@@ -56,8 +56,9 @@ def read_thresholds(run: layout.Run):
     return thresholds.from_json(json.loads(run.weights.read_text()).get("thresholds"))
 
 
-def submit(cfg: EnsembleConfig) -> Path:
-    """submissions/<comp>.csv from the ensemble's blended test predictions; returns its path."""
+def submit(cfg: EnsembleConfig, out: Path | None = None) -> Path:
+    """submissions/<comp>.csv (or `out`) from the ensemble's blended test predictions; returns
+    its path."""
     comp = load_competition_data(cfg)
     run = layout.Run.of(cfg.name, cfg.experiment)
     if not run.test.is_file():
@@ -70,7 +71,7 @@ def submit(cfg: EnsembleConfig) -> Path:
                         f"rerun the ensemble stage")
     df = format_submission(comp.submission, comp.task, list(blended["id"]),
                            blended[classes].to_numpy(), read_thresholds(run))
-    out = layout.submission_file(cfg.name)
+    out = out or layout.submission_file(cfg.name)
     write_submission(df, out, comp.submission, comp.task)
     print(f"wrote {out}: {len(df)} rows, format {comp.submission.format}", file=sys.stderr)
     return out

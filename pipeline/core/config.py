@@ -474,6 +474,14 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     return validate_experiment(experiment_data(path, overrides), path)
 
 
+def experiment_from_keys(path: str | Path, keys: dict,
+                         overrides: list[str] | None = None) -> ExperimentConfig:
+    """The experiment `keys` would be if written at `path` (the auto mode's, before it writes)."""
+    data, path = _resolve(path, _own_overrides(ExperimentConfig, overrides), copy.deepcopy(keys))
+    data.setdefault("experiment", path.stem)
+    return validate_experiment(data, path)
+
+
 def load_ensemble(path: str | Path, overrides: list[str] | None = None) -> EnsembleConfig:
     data, path = _resolve(path, _own_overrides(EnsembleConfig, overrides))
     data.setdefault("experiment", path.stem)
@@ -490,7 +498,8 @@ def check_folder(competition_path: str | Path,
     folder = Path(competition_path).parent
     configs: dict[str, ExperimentConfig | EnsembleConfig] = {}
     for path in sorted(folder.glob("*.yaml")):
-        if path.name == Path(competition_path).name or path.name.endswith(".tune.yaml"):
+        if path.name in (Path(competition_path).name, "auto.yaml") or \
+                path.name.endswith(".tune.yaml"):
             continue
         configs[path.stem] = (load_ensemble if "experiments" in read_yaml(path)
                               else load_experiment)(path, overrides)

@@ -12,9 +12,10 @@ runs/<comp>/<exp>/                        an experiment's current version (a Run
   tune/study.db best.json report.md *.png trial_<n>/
   history/<tag>/                          a past version, laid out as the current one
 runs/<comp>/<ensemble>/                   weights.json test.csv report.md study.db *.png
+runs/<comp>/auto/                         state.json report.md (make auto)
 packages/<comp>/                          manifest.json package.json blend.json <exp>/settings.json
                                           <exp>/fold<k>.safetensors refit<seed>.safetensors, the wheel
-submissions/<comp>.csv
+submissions/<comp>.csv <comp>-auto.csv
 ```
 Paths are relative to the working folder (the project root when run by make).
 """
@@ -52,8 +53,16 @@ def data_stamp(comp: str, split: str) -> Path:
     return RUNS / comp / f"{split}-data.json"
 
 
-def submission_file(comp: str) -> Path:
-    return SUBMISSIONS / f"{comp}.csv"
+def submission_file(comp: str, suffix: str = "") -> Path:
+    """submissions/<comp>.csv, or <comp>-<suffix>.csv (e.g. the auto mode's beside a
+    hand-written ensemble's)."""
+    return SUBMISSIONS / f"{comp}{'-' + suffix if suffix else ''}.csv"
+
+
+def auto_files(comp: str) -> tuple[Path, Path]:
+    """(state.json, report.md) of the auto mode under runs/<comp>/auto/."""
+    folder = RUNS / comp / "auto"
+    return folder / "state.json", folder / "report.md"
 
 
 BEST, LAST, LOG, FOLD_OOF = "best.safetensors", "last.pt", "log.csv", "oof.csv"  # a fold folder's

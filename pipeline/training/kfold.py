@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -79,13 +80,14 @@ def finished(fold_dir) -> bool:
     return (fold_dir / layout.BEST).is_file() and not (fold_dir / layout.LAST).is_file()
 
 
-def train_rounds(exp: Experiment, fold: int, progress: Progress) -> None:
+def train_rounds(exp: Experiment, fold: int, progress: Progress,
+                 on_epoch: Callable[[int, float], None] | None = None) -> None:
     """Train fold `fold`: on its rows' labels, or, learning from sources, on its teacher data
     (pipeline.training.teacher), round after round of pseudo-labels (each round's in
-    fold<k>/round<r>/, the last in fold<k>/)."""
+    fold<k>/round<r>/, the last in fold<k>/). `on_epoch`: train_fold's end-of-epoch callback."""
     cfg, run = exp.cfg, exp.run
     if not cfg.sources:
-        train_fold(exp, fold, run.fold(fold), progress=progress)
+        train_fold(exp, fold, run.fold(fold), progress=progress, on_epoch=on_epoch)
         return
     rounds, earlier = (cfg.pseudo.rounds if cfg.pseudo else 1), None
     for r in range(1, rounds + 1):
@@ -94,7 +96,8 @@ def train_rounds(exp: Experiment, fold: int, progress: Progress) -> None:
             earlier = fold_dir / layout.BEST
             continue
         own = teacher.own_predictions(exp, fold, earlier) if earlier else None
-        train_fold(exp, fold, fold_dir, progress=progress, data=teacher.fold_data(exp, fold, own))
+        train_fold(exp, fold, fold_dir, progress=progress, on_epoch=on_epoch,
+                   data=teacher.fold_data(exp, fold, own))
         if r < rounds and exp.rt.world.primary:
             (fold_dir / layout.LAST).unlink(missing_ok=True)
         exp.rt.barrier()
@@ -123,7 +126,7 @@ def kept_epoch(cfg: ExperimentConfig, log: pd.DataFrame) -> int:
     return int(log["epoch"].iloc[int(np.argmax(sign * log["val_metric"].to_numpy()))])
 
 
-def refit(exp: Experiment) -> bool:
+def refit(exp: Experiment, on_epoch: Callable[[int, float], None] | None = None) -> bool:
     """One model per `refit.seeds` on every train row (and pseudo-labelled test rows: see
     teacher.refit_data), for the epochs the folds needed (refit_plan); no validation rows, so
     the last epoch's weights are kept. Returns whether any was trained in this call."""
@@ -139,7 +142,7 @@ def refit(exp: Experiment) -> bool:
             print(f"{cfg.experiment}: refit on every train row, seed {seed}, stages "
                   f"{[(s.epochs, s.trainable) for s in plan]} (the folds' best epochs: {best})",
                   file=sys.stderr)
-        train_fold(exp, REFIT_SEED + seed, run.refit(seed),
+        train_fold(exp, REFIT_SEED + seed, run.refit(seed), on_epoch=on_epoch,
                    data=teacher.refit_data(exp, REFIT_SEED + seed, plan))
         if exp.rt.world.primary:
             (run.refit(seed) / layout.LAST).unlink(missing_ok=True)
@@ -160,10 +163,12 @@ def check_folds_score(exp: Experiment) -> None:
                             f"undefined on it; use fewer folds (folds.n_splits) or stratified folds")
 
 
-def train_experiment(cfg: ExperimentConfig, only: list[int] | None = None,
-                     fresh: bool = False) -> dict | None:
+def train_experiment(cfg: ExperimentConfig, only: list[int] | None = None, fresh: bool = False,
+                     on_epoch: Callable[[int, float], None] | None = None) -> dict | None:
     """Train the folds not yet done (all, or those in `only`; `fresh`: start again, the finished
-    version kept in the history); the run's OOF and scores once every fold is done, else None."""
+    version kept in the history); the run's OOF and scores once every fold is done, else None.
+    `on_epoch(epoch, score)`: called after every epoch of every fold and refit (the auto mode's
+    clock); an exception it raises ends training, resumable like an interruption."""
     finetune.check_finetune(cfg)
     check_pretrained(cfg.model)
     n_splits = cfg.folds.n_splits
@@ -180,7 +185,7 @@ def train_experiment(cfg: ExperimentConfig, only: list[int] | None = None,
     try:
         for fold in todo:
             started = time.perf_counter()
-            train_rounds(exp, fold, progress)
+            train_rounds(exp, fold, progress, on_epoch)
             oof = exp.fold_oof(fold)
             if rt.world.primary:
                 write_csv(oof, run.fold_oof(fold))
@@ -200,7 +205,7 @@ def train_experiment(cfg: ExperimentConfig, only: list[int] | None = None,
         return None
     if cfg.refit:
         started = time.perf_counter()
-        if refit(exp) and rt.world.primary:
+        if refit(exp, on_epoch) and rt.world.primary:
             record["refit_seconds"] = round(time.perf_counter() - started, 3)
             write_json(record, run.provenance)
     return finish_run(exp) if rt.world.primary else None

@@ -1,0 +1,1 @@
+"""The budgeted auto mode (`make auto`): candidates, measurements, the plan, its execution."""
