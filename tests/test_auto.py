@@ -211,7 +211,8 @@ def test_the_clock_stops_training_after_an_epoch_when_the_finish_would_not_fit(t
     write_folds(load_competition("configs/tiny/competition.yaml"))
     auto = Auto("configs/tiny/competition.yaml", 1000.0)
     auto.clock.before = 995.0
-    auto.state.set_profile(Profile("cpu (CPU)", "cpu", "multiclass", 24, 6, 2, 20, 0.001))
+    auto.profile = Profile("cpu (CPU)", "cpu", "multiclass", 24, 6, 2, 20, 0.001)
+    auto.state.set_profile(auto.profile)
     auto.state.set_speed("lenet5", 16, Speed(1e4, 1e4, 0.0, 0.0))
     lenet = next(c for c in load_candidates() if c.name == "lenet5")
     with pytest.raises(OutOfTime, match=r"auto-lenet5-16: stopped after epoch 1: the \d+ s left"):

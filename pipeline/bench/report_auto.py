@@ -26,10 +26,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
 
 from pipeline.core import layout  # noqa: E402
 from pipeline.core.artifacts import write_text  # noqa: E402
+from pipeline.datasets.digits import held_out_accuracy  # noqa: E402
 
 COMP = "digits"
 REPORT, PLOT = Path("reports/auto.md"), Path("reports/auto.png")
@@ -54,11 +54,8 @@ def run_budget(budget: str, work: Path) -> dict:
     wall = time.perf_counter() - started
     state = json.loads((folder / layout.auto_files(COMP)[0]).read_text())
     ens = state.get("ensemble") or {}
-    held_out = None
-    if ens:
-        sub = pd.read_csv(folder / ens["submission"], dtype=str).set_index("id")["label"]
-        truth = pd.read_csv(root / "data" / COMP / "solution.csv", dtype=str).set_index("id")["label"]
-        held_out = float((sub.loc[truth.index] == truth).mean())
+    solution = root / "data" / COMP / "solution.csv"
+    held_out = held_out_accuracy(folder / ens["submission"], solution) if ens else None
     return dict(budget=budget, seconds=state["budget_seconds"], wall=wall, state=state,
                 cv=ens.get("cv"), held_out=held_out)
 

@@ -17,6 +17,7 @@ model. Each fold checkpoint carries its fold's task (pipeline.models.predictor).
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 from dataclasses import dataclass
@@ -79,7 +80,7 @@ def grade_of(values: np.ndarray, grades, cuts) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class Task:
+class Task(abc.ABC):
     """What every task has: the prediction columns (of oof.csv and test.csv, in order)."""
 
     kind: ClassVar[str]
@@ -113,17 +114,17 @@ class Task:
         fold's training targets `y` (none by default)."""
         return self
 
+    @abc.abstractmethod
     def as_predictions(self, y: np.ndarray, label_smoothing: float = 0.0) -> np.ndarray:
         """Targets `y` in prediction space (what `activate` outputs), float64."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def harden(self, pred: np.ndarray) -> np.ndarray:
         """Predictions as decisions, in prediction space (hard pseudo-labels)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def row_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Each row's training loss against targets in prediction space."""
-        raise NotImplementedError
 
     def soft_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The loss against targets in prediction space (what `activate` outputs: a teacher's
@@ -159,10 +160,10 @@ class Task:
         """The blend's per-column figures for the ensemble report ({} where there are none)."""
         return {}
 
+    @abc.abstractmethod
     def stack_features(self, probas: np.ndarray) -> np.ndarray:
         """Members' predictions (M, N, K) as the stack's meta-model reads them: (N, G, M, P),
         G independent meta-models (one, or one per label), each over M members x P features."""
-        raise NotImplementedError
 
     def label_noise(self, y: np.ndarray, pred: np.ndarray, level: float) -> pd.DataFrame | None:
         """The rows whose prediction contradicts their target with confidence >= `level`: a

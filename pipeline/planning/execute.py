@@ -89,6 +89,8 @@ class Auto:
         self.clock = Clock(self.state.data["spent_seconds"], budget, started)
         self.settings: AutoSettings = load_settings(self.path)
         self.candidates: list[Candidate] = load_candidates(only=self.settings.candidates)
+        self.by_name = {c.name: c for c in self.candidates}
+        self.profile: measure.Profile | None = None  # set by `measure`
         ensemble = layout.config_file(self.cfg.name, "ensemble")
         self.ensemble = "ensemble" if owned(ensemble, self.state.data.get("ensemble_config")) \
             else "auto-ensemble"
@@ -105,10 +107,10 @@ class Auto:
 
     def measure(self, comp: Competition, rt: device.Runtime) -> tuple[list[Candidate],
                                                                        dict[str, str]]:
-        """The profile and every usable candidate's speed at its useful sizes (smallest sizes
-        first; none past what the images' size can use), within MEASURE_SHARE of the budget; a
-        size is skipped when the size below it shows that even its fewest epochs cannot fit
-        the time left."""
+        """The profile (self.profile) and every usable candidate's speed at its useful sizes
+        (smallest sizes first; none past what the images' size can use), within MEASURE_SHARE
+        of the budget; a size is skipped when the size below it shows that even its fewest
+        epochs cannot fit the time left. Returns (the usable candidates, {skipped one: why})."""
         state = self.state
         profile = state.profile(rt.device_name())
         if profile is None:
@@ -117,6 +119,7 @@ class Auto:
             self.say(f"measured the data: {profile.n_train} train and {profile.n_test} test "
                      f"images of about {profile.side} px, task {profile.task}, on "
                      f"{profile.device}")
+        self.profile = profile
         skipped = {c.name: why for c in self.candidates
                    if (why := unavailable(c, profile.device_type))}
         usable = [c for c in self.candidates if c.name not in skipped]
@@ -180,7 +183,7 @@ class Auto:
         cfg = load_experiment(path, self.overrides)
         before, started = entry["actual_seconds"], self.clock.spent()
         speed = self.state.speeds()[(choice.candidate, choice.size)]
-        finish = (planner.predict_seconds(self.state.profile(self.state.data["device"]), speed,
+        finish = (planner.predict_seconds(self.profile, speed,
                                           choice.views, choice.refit)
                   * self.ratios()[choice.candidate]
                   + self.blend_seconds() + 1.0)
@@ -246,7 +249,10 @@ class Auto:
                 return State.choice(entry), entry["planned_seconds"]
         return None
 
-    def next_choice(self, profile, usable, skipped) -> tuple[Choice, float] | None:
+    def next_choice(self, usable: list[Candidate],
+                    skipped: dict[str, str]) -> tuple[Choice, float] | None:
+        """The experiment to run next: an unfinished one to resume, or the first of a new plan
+        (recorded in state.json); None when nothing fits."""
         state, ratios, blend = self.state, self.ratios(), self.blend_seconds()
         pending = self.pending()
         if pending:
@@ -260,15 +266,14 @@ class Auto:
             entry["status"] = "dropped"
             self.say(f"{choice.name}: dropped: its remaining {left:.0f} s do not fit the "
                      f"{self.clock.left():.0f} s left")
-        by_name = {c.name: c for c in self.candidates}
+        by_name = self.by_name
         entries = [e for e in state.experiments().values() if e["choice"]["candidate"] in by_name]
-        done = [(State.choice(e), planner.value(by_name[e["choice"]["candidate"]],
-                                                e["choice"]["size"], e["choice"]["epochs"], profile))
-                for e in entries if e["status"] == "done"]
+        done = [(c, planner.value(by_name[c.candidate], c.size, c.epochs, self.profile))
+                for c in (State.choice(e) for e in entries if e["status"] == "done")]
         gone = {e["choice"]["candidate"]: "dropped: it did not fit the time left"
                 for e in entries if e["status"] == "dropped"}
         usable = [c for c in usable if c.name not in gone]
-        p = planner.make_plan(profile, usable, state.speeds(), self.clock.left(),
+        p = planner.make_plan(self.profile, usable, state.speeds(), self.clock.left(),
                               self.clock.budget, done, ratios, blend, {**skipped, **gone})
         state.data["plans"].append(dict(
             spent=round(self.clock.spent(), 1), left=round(p.left, 1),
@@ -292,18 +297,16 @@ class Auto:
         rt = device.runtime(cfg.device)
         comp = load_competition_data(cfg)
         usable, skipped = self.measure(comp, rt)
-        profile = state.profile(rt.device_name())
-        by_name = {c.name: c for c in self.candidates}
         try:
             blended = (state.data.get("ensemble") or {}).get("members")
             if state.experiments("done") and sorted(state.experiments("done")) != blended:
                 self.blend()  # killed between an experiment's end and its blend
             while self.clock.left() > 0:
-                nxt = self.next_choice(profile, usable, skipped)
+                nxt = self.next_choice(usable, skipped)
                 if nxt is None:
                     break
                 choice, planned = nxt
-                self.run_experiment(by_name[choice.candidate], choice, planned)
+                self.run_experiment(self.by_name[choice.candidate], choice, planned)
                 self.blend()
         except OutOfTime as stop:
             self.say(f"{stop}; the next `make auto` with a larger BUDGET resumes it")

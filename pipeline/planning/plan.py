@@ -257,14 +257,13 @@ def make_plan(p: Profile, candidates: list[Candidate], speeds: dict[tuple[str, i
     if refittable:  # the time still left refits the strongest planned member on every train row
         i = max(refittable, key=lambda j: plan[j].value)
         o = plan[i]
-        s = speeds[(o.choice.candidate, o.choice.size)]
-        extra = (train_seconds(p, s, o.choice.epochs, True)
-                 - train_seconds(p, s, o.choice.epochs, False)
-                 + predict_seconds(p, s, o.choice.views, True)
-                 - predict_seconds(p, s, o.choice.views, False)) * ratios.get(o.choice.candidate, 1.0)
+        s, refitted = speeds[(o.choice.candidate, o.choice.size)], \
+            dataclasses.replace(o.choice, refit=True)
+        extra = (seconds(p, s, refitted) - seconds(p, s, o.choice)) * \
+            ratios.get(o.choice.candidate, 1.0)
         if extra <= room - spent:
             plan[i] = dataclasses.replace(o, cost=o.cost + extra, choice=dataclasses.replace(
-                o.choice, refit=True, notes=o.choice.notes + (
+                refitted, notes=o.choice.notes + (
                     f"refit: the time left ({room - spent:.0f} s) covers a full-data refit "
                     f"({extra:.0f} s); its gain shows on the leaderboard, not in CV",)))
             spent += extra

@@ -139,14 +139,16 @@ class Experiment:
         refits = {run.refit(s).name: run.refit(s) / layout.BEST for s in cfg.refit.seeds}
         return refits if cfg.refit.use == "replace" else {**folds, **refits}
 
+    def test_images(self) -> np.ndarray:
+        """The test images' cache at the experiment's side."""
+        return image_cache(list(self.comp.test["path"]), self.side, self.cfg.data.channels,
+                           self.cfg.data.cache_dir)
+
     def predict_test(self, view_sets: list[str]) -> dict[str, np.ndarray]:
         """{view set: test predictions averaged over the test models (test_checkpoints)}:
         every one on every test row, exactly as `infer` predicts them from a package."""
-        cfg = self.cfg
-        images = image_cache(list(self.comp.test["path"]), self.side, cfg.data.channels,
-                             cfg.data.cache_dir)
         models = [self.fold_model(0, path) for path in self.test_checkpoints().values()]
-        predicted = self.predict(models, images, np.arange(len(self.comp.test)),
+        predicted = self.predict(models, self.test_images(), np.arange(len(self.comp.test)),
                                  self.predict_spec(view_sets))
         return {v: tta.average_folds(p) for v, p in predicted.items()}
 

@@ -40,6 +40,15 @@ class Predictions:
     test: pd.DataFrame
 
 
+def _everywhere(exp: Experiment, model, views: str) -> Predictions:
+    """`model` on every train and test row with view set `views`."""
+    ps, comp = exp.predict_spec([views]), exp.comp
+    train = exp.predict([model], exp.images, np.arange(len(comp.train)), ps)[views][0]
+    test = exp.predict([model], exp.test_images(), np.arange(len(comp.test)), ps)[views][0]
+    return Predictions(pd.DataFrame(train, index=comp.train["id"]),
+                       pd.DataFrame(test, index=comp.test["id"]))
+
+
 def _experiment_predictions(exp: Experiment, k: int) -> Predictions:
     """Fold k's model of a trained and predicted experiment on every train and test row, with
     the view set its predict stage chose without fold k."""
@@ -47,14 +56,7 @@ def _experiment_predictions(exp: Experiment, k: int) -> Predictions:
     if "tta_views_per_fold" not in scores:
         raise UserError(f"{exp.run.scores}: not predicted yet; run `make predict "
                         f"COMP={exp.cfg.name}` first")
-    views = scores["tta_views_per_fold"][str(k)]
-    ps, model, comp = exp.predict_spec([views]), exp.fold_model(k), exp.comp
-    test_images = image_cache(list(comp.test["path"]), exp.side, exp.cfg.data.channels,
-                              exp.cfg.data.cache_dir)
-    train = exp.predict([model], exp.images, np.arange(len(comp.train)), ps)[views][0]
-    test = exp.predict([model], test_images, np.arange(len(comp.test)), ps)[views][0]
-    return Predictions(pd.DataFrame(train, index=comp.train["id"]),
-                       pd.DataFrame(test, index=comp.test["id"]))
+    return _everywhere(exp, exp.fold_model(k), scores["tta_views_per_fold"][str(k)])
 
 
 def source_predictions(comp: str, name: str, k: int, task) -> Predictions:
@@ -146,12 +148,4 @@ def refit_data(exp: Experiment, key: int, plan: list) -> FoldData:
 def own_predictions(exp: Experiment, k: int, weights: Path) -> Predictions:
     """This experiment's fold-k model of an earlier round (the checkpoint `weights`) on every
     train and test row, plain views: the next round's pseudo-labels."""
-    comp, ps = exp.comp, exp.predict_spec(["none"])
-    model = exp.fold_model(k, weights)
-    test_images = image_cache(list(comp.test["path"]), exp.side, exp.cfg.data.channels,
-                              exp.cfg.data.cache_dir)
-    return Predictions(
-        pd.DataFrame(exp.predict([model], exp.images, np.arange(len(comp.train)), ps)["none"][0],
-                     index=comp.train["id"]),
-        pd.DataFrame(exp.predict([model], test_images, np.arange(len(comp.test)), ps)["none"][0],
-                     index=comp.test["id"]))
+    return _everywhere(exp, exp.fold_model(k, weights), "none")
